@@ -1,0 +1,328 @@
+// loopctl: the command-line client of loopd (org.loopd1 on the system bus).
+#include "org.loopd1-proxy.h"
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <sdbus-c++/sdbus-c++.h>
+#include <systemd/sd-daemon.h>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <iostream>
+#include <optional>
+
+namespace {
+
+using Json = nlohmann::ordered_json;
+using Options = std::map<std::string, sdbus::Variant>;
+using Properties = std::map<std::string, sdbus::Variant>;
+using AttachReply = std::tuple<sdbus::ObjectPath, std::string, uint64_t, std::vector<std::string>>;
+
+constexpr const char* busName = "org.loopd1";
+constexpr const char* managerPath = "/org/loopd1";
+constexpr const char* deviceInterface = "org.loopd1.Device";
+
+// A failure with a message for stderr; exit status 1.
+struct Failure : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+class Manager final : public sdbus::ProxyInterfaces<org::loopd1::Manager_proxy> {
+public:
+    explicit Manager(sdbus::IConnection& connection) : ProxyInterfaces(connection, busName, managerPath) {}
+    ~Manager() = default;
+
+private:
+    void onDeviceRemoved(const sdbus::ObjectPath&, const uint64_t&, const std::string&) override {}
+};
+
+Json toJson(const sdbus::Variant& value)
+{
+    const auto type = value.peekValueType();
+    if (type == "s" || type == "o")
+        return value.get<std::string>();
+    if (type == "t")
+        return value.get<uint64_t>();
+    if (type == "u")
+        return value.get<uint32_t>();
+    if (type == "b")
+        return value.get<bool>();
+    if (type == "as")
+        return value.get<std::vector<std::string>>();
+    return "(" + type + ")";
+}
+
+std::string toText(const sdbus::Variant& value)
+{
+    const auto json = toJson(value);
+    if (json.is_string())
+        return json.get<std::string>();
+    if (json.is_array()) {
+        std::string joined;
+        for (const auto& item : json)
+            joined += (joined.empty() ? "" : " ") + item.get<std::string>();
+        return joined;
+    }
+    return json.dump();
+}
+
+// Every loopd device with its properties, keyed by object path.
+std::map<sdbus::ObjectPath, Properties> listDevices(sdbus::IConnection& connection)
+{
+    auto proxy = sdbus::createProxy(connection, busName, managerPath);
+    std::map<sdbus::ObjectPath, std::map<std::string, Properties>> objects;
+    proxy->callMethod("GetManagedObjects")
+        .onInterface("org.freedesktop.DBus.ObjectManager")
+        .storeResultsTo(objects);
+    std::map<sdbus::ObjectPath, Properties> devices;
+    for (auto& [path, interfaces] : objects)
+        if (const auto it = interfaces.find(deviceInterface); it != interfaces.end())
+            devices.emplace(path, std::move(it->second));
+    return devices;
+}
+
+// A device named by devnode, ref or diskseq.
+std::pair<sdbus::ObjectPath, Properties> findDevice(sdbus::IConnection& connection, const std::string& name)
+{
+    for (auto& [path, props] : listDevices(connection)) {
+        if (toText(props.at("DevNode")) == name || toText(props.at("Ref")) == name ||
+            std::to_string(props.at("DiskSeq").get<uint64_t>()) == name)
+            return {path, props};
+    }
+    throw Failure("org.loopd1.Error.NotFound: no loopd device '" + name + "'");
+}
+
+void printReady(const AttachReply& reply, bool json)
+{
+    const auto& [object, devnode, diskseq, partitions] = reply;
+    if (json) {
+        std::cout << Json{{"Object", std::string(object)},
+                          {"DevNode", devnode},
+                          {"DiskSeq", diskseq},
+                          {"Partitions", partitions}}
+                         .dump()
+                  << std::endl;
+        return;
+    }
+    std::cout << devnode << '\n';
+    for (const auto& partition : partitions)
+        std::cout << partition << '\n';
+    std::cout.flush();
+}
+
+struct AttachArgs {
+    std::string image;
+    bool readOnly = false;
+    bool directIo = false;
+    bool noPartscan = false;
+    bool autoclear = false;
+    bool hold = false;
+    bool json = false;
+    std::optional<uint64_t> offset;
+    std::optional<uint64_t> sizeLimit;
+    std::optional<uint32_t> sectorSize;
+    std::optional<std::string> ref;
+    std::optional<double> timeout;
+};
+
+Options attachOptions(const AttachArgs& args, bool readOnly)
+{
+    Options options;
+    if (readOnly)
+        options["read-only"] = true;
+    if (args.directIo)
+        options["direct-io"] = true;
+    if (args.noPartscan)
+        options["partscan"] = false;
+    if (args.autoclear)
+        options["autoclear"] = true;
+    if (args.hold)
+        options["lifetime"] = std::string("client");
+    if (args.offset)
+        options["offset"] = *args.offset;
+    if (args.sizeLimit)
+        options["size-limit"] = *args.sizeLimit;
+    if (args.sectorSize)
+        options["sector-size"] = *args.sectorSize;
+    if (args.ref)
+        options["ref"] = *args.ref;
+    if (args.timeout)
+        options["timeout-usec"] = static_cast<uint64_t>(*args.timeout * 1e6);
+    return options;
+}
+
+// Opened here, with the user's own permissions, and passed as an fd (AttachFd).
+// Without write permission the image is attached read-only, as losetup does.
+std::pair<int, bool> openImage(const AttachArgs& args)
+{
+    if (!args.readOnly) {
+        const int fd = ::open(args.image.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        if (fd >= 0)
+            return {fd, false};
+        if (errno != EACCES && errno != EROFS && errno != EPERM)
+            throw Failure(args.image + ": " + std::strerror(errno));
+        std::cerr << args.image << ": not writable, attaching read-only\n";
+    }
+    const int fd = ::open(args.image.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0)
+        throw Failure(args.image + ": " + std::strerror(errno));
+    return {fd, true};
+}
+
+// Holds the device until SIGTERM or SIGINT: loopd detaches it when this
+// connection leaves the bus (lifetime=client), and this detaches it first, politely.
+void hold(Manager& manager, uint64_t diskseq)
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    int signal = 0;
+    sigwait(&mask, &signal);
+    manager.Detach(diskseq, {});
+}
+
+int attach(sdbus::IConnection& connection, const AttachArgs& args)
+{
+    if (args.hold) { // before any thread exists, so sigwait() gets them
+        sigset_t mask;
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        pthread_sigmask(SIG_BLOCK, &mask, nullptr);
+    }
+    const auto [fd, readOnly] = openImage(args);
+    const sdbus::UnixFd unixFd(fd, sdbus::adopt_fd);
+    Manager manager(connection);
+    const auto reply = manager.AttachFd(unixFd, attachOptions(args, readOnly || args.readOnly));
+    printReady(reply, args.json);
+    if (args.hold) {
+        sd_notifyf(0, "READY=1\nSTATUS=Holding %s (diskseq %llu)", std::get<1>(reply).c_str(),
+                   static_cast<unsigned long long>(std::get<2>(reply)));
+        hold(manager, std::get<2>(reply));
+    }
+    return 0;
+}
+
+int detach(sdbus::IConnection& connection, const std::string& name)
+{
+    const auto [path, props] = findDevice(connection, name);
+    Manager(connection).Detach(props.at("DiskSeq").get<uint64_t>(), {});
+    return 0;
+}
+
+int wait(sdbus::IConnection& connection, const std::string& name, double timeout)
+{
+    printReady(Manager(connection).WaitReady(name, static_cast<uint64_t>(timeout * 1e6)), false);
+    return 0;
+}
+
+int status(sdbus::IConnection& connection, const std::string& name, bool json)
+{
+    const auto [path, props] = findDevice(connection, name);
+    if (json) {
+        Json out{{"Object", std::string(path)}};
+        for (const auto& [key, value] : props)
+            out[key] = toJson(value);
+        std::cout << out.dump(2) << std::endl;
+        return 0;
+    }
+    std::cout << path << '\n';
+    for (const auto& [key, value] : props)
+        std::cout << "  " << key << ": " << toText(value) << '\n';
+    return 0;
+}
+
+int list(sdbus::IConnection& connection, bool json)
+{
+    const auto devices = listDevices(connection);
+    if (json) {
+        Json out = Json::array();
+        for (const auto& [path, props] : devices) {
+            Json device{{"Object", std::string(path)}};
+            for (const auto& [key, value] : props)
+                device[key] = toJson(value);
+            out.push_back(device);
+        }
+        std::cout << out.dump(2) << std::endl;
+        return 0;
+    }
+    std::printf("%-14s %-10s %-16s %-5s %s\n", "DEVICE", "DISKSEQ", "REF", "PARTS", "BACKING-FILE");
+    for (const auto& [path, props] : devices)
+        std::printf("%-14s %-10llu %-16s %-5zu %s\n", toText(props.at("DevNode")).c_str(),
+                    static_cast<unsigned long long>(props.at("DiskSeq").get<uint64_t>()),
+                    toText(props.at("Ref")).c_str(), props.at("Partitions").get<std::vector<std::string>>().size(),
+                    toText(props.at("BackingFile")).c_str());
+    return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    CLI::App app{"loopctl - attach and detach loop devices through loopd.\n"
+                 "Replies mean ready: the device and all its partitions exist and udev has processed them."};
+    app.require_subcommand(1);
+    AttachArgs attachArgs;
+    std::string name;
+    double timeout = 10;
+    bool json = false;
+
+    auto* attachCmd = app.add_subcommand("attach", "attach IMAGE; print the device node, then its partitions");
+    attachCmd->add_option("IMAGE", attachArgs.image, "image file or block device")->required();
+    attachCmd->add_flag("--read-only", attachArgs.readOnly, "attach read-only");
+    attachCmd->add_option("--offset", attachArgs.offset, "start of the data in the file, bytes (multiple of 512)");
+    attachCmd->add_option("--size-limit", attachArgs.sizeLimit, "size of the device, bytes (multiple of 512)");
+    attachCmd->add_option("--sector-size", attachArgs.sectorSize, "logical block size: 512, 1024, 2048 or 4096");
+    attachCmd->add_flag("--direct-io", attachArgs.directIo, "use direct I/O on the backing file");
+    attachCmd->add_flag("--no-partscan", attachArgs.noPartscan, "do not create partition devices");
+    attachCmd->add_flag("--autoclear", attachArgs.autoclear, "let the kernel detach at last close");
+    attachCmd->add_option("--ref", attachArgs.ref, "a name for the device, linked as /run/loopd/by-ref/NAME");
+    attachCmd->add_option("--timeout", attachArgs.timeout, "seconds to wait for readiness (default 10)");
+    attachCmd->add_flag("--hold", attachArgs.hold,
+                        "stay running, tell systemd READY=1, detach on SIGTERM/SIGINT or when this exits");
+    attachCmd->add_flag("--json", attachArgs.json, "print a JSON object");
+
+    auto* detachCmd = app.add_subcommand("detach", "detach a loopd device; returns once it is released");
+    detachCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
+    auto* listCmd = app.add_subcommand("list", "list loopd devices");
+    listCmd->add_flag("--json", json, "print a JSON array");
+    auto* waitCmd = app.add_subcommand("wait", "wait until a loopd device is ready");
+    waitCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
+    waitCmd->add_option("--timeout", timeout, "seconds")->capture_default_str();
+    auto* statusCmd = app.add_subcommand("status", "show a loopd device's properties");
+    statusCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
+    statusCmd->add_flag("--json", json, "print a JSON object");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        const int code = app.exit(e);
+        return code == 0 ? 0 : 2;
+    }
+
+    try {
+        auto connection = sdbus::createSystemBusConnection();
+        // The daemon's own deadline decides; the bus call only must not give up first.
+        const double callSeconds = std::max(timeout, attachArgs.timeout.value_or(10)) + 30;
+        connection->setMethodCallTimeout(std::chrono::microseconds(static_cast<uint64_t>(callSeconds * 1e6)));
+        if (*attachCmd)
+            return attach(*connection, attachArgs);
+        if (*detachCmd)
+            return detach(*connection, name);
+        if (*listCmd)
+            return list(*connection, json);
+        if (*waitCmd)
+            return wait(*connection, name, timeout);
+        return status(*connection, name, json);
+    } catch (const sdbus::Error& e) {
+        std::cerr << e.getName() << ": " << e.getMessage() << std::endl;
+    } catch (const std::exception& e) {
+        std::cerr << e.what() << std::endl;
+    }
+    return 1;
+}

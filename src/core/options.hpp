@@ -1,0 +1,30 @@
+#pragma once
+
+#include <loopd/attach_options.hpp>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <variant>
+
+namespace loopd::core {
+
+// A D-Bus variant reduced to the types options may have; anything else keeps only
+// its signature so the error can name it.
+struct OtherType {
+    std::string signature;
+};
+using OptionValue = std::variant<bool, uint32_t, uint64_t, std::string, OtherType>;
+using OptionMap = std::map<std::string, OptionValue>;
+
+// Parses and validates Attach options. Throws Error(InvalidArgument) naming the key
+// for an unknown key, a wrong type or an out-of-range value.
+AttachOptions parseAttachOptions(const OptionMap& options);
+
+// Detach takes no options yet; any key is refused rather than silently ignored.
+void parseDetachOptions(const OptionMap& options);
+
+// A ref is 1..63 printable ASCII bytes without '/': it becomes a file name.
+bool isValidRef(const std::string& ref) noexcept;
+
+} // namespace loopd::core

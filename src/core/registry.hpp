@@ -1,0 +1,67 @@
+#pragma once
+
+#include "event_ledger.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <vector>
+
+namespace loopd::core {
+
+using Clock = std::chrono::steady_clock;
+using RequestId = uint64_t;
+
+// One attachment as the readiness logic sees it: which loop device, which diskseq,
+// which partitions its table has, and which event source counts.
+struct Watch {
+    uint64_t diskseq = 0;
+    unsigned number = 0;
+    std::vector<unsigned> partitions;
+    EventSource source = EventSource::Udev;
+};
+
+enum class Goal { Ready, Released };
+
+struct Outcome {
+    enum class Kind { Ready, Released, Changed, TimedOut };
+    RequestId request;
+    Kind kind;
+    Watch watch;
+};
+
+// The readiness state machine. Requests wait for an attachment to become ready
+// (attach, WaitReady) or to be released (detach); events and the clock settle them.
+// Every request settles exactly once: with its goal, with Changed (a higher diskseq
+// took the device), or with TimedOut at its deadline. Pure logic: the caller feeds
+// events and time and acts on the outcomes.
+class Registry {
+public:
+    // Starts waiting; the outcome may be immediate when the events already came.
+    std::vector<Outcome> expect(RequestId request, Goal goal, Watch watch, Clock::time_point deadline);
+    std::vector<Outcome> onEvent(const Uevent& event);
+    std::vector<Outcome> onTime(Clock::time_point now);
+    // Forgets a request without an outcome (its caller is handled elsewhere).
+    void cancel(RequestId request);
+
+    [[nodiscard]] std::optional<Clock::time_point> nextDeadline() const;
+    [[nodiscard]] std::size_t pending() const { return requests_.size(); }
+    [[nodiscard]] const EventLedger& ledger() const { return ledger_; }
+
+private:
+    struct Request {
+        Goal goal;
+        Watch watch;
+        Clock::time_point deadline;
+    };
+
+    [[nodiscard]] std::optional<Outcome::Kind> evaluate(const Request& request) const;
+    void settle(RequestId id, Outcome::Kind kind, std::vector<Outcome>& out);
+
+    EventLedger ledger_;
+    std::map<RequestId, Request> requests_;
+    std::multimap<unsigned, RequestId> byNumber_; // so an event looks only at its own device
+};
+
+} // namespace loopd::core

@@ -1,0 +1,39 @@
+#pragma once
+
+#include <loopd/unique_fd.hpp>
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+// Opening and checking backing files. Blocking; runs on workers.
+namespace loopd::kernel {
+
+struct Credentials {
+    uid_t uid = 0;
+    gid_t gid = 0;
+    std::vector<gid_t> groups;
+};
+
+struct BackingFile {
+    UniqueFd fd;
+    dev_t device = 0;
+    ino_t inode = 0;
+    uint64_t size = 0;
+    bool writable = false;
+};
+
+// Opens path with the caller's file-system identity (setfsuid/setfsgid and
+// supplementary groups of this thread only), so loopd never opens what the caller
+// could not. The fd is what gets attached: no later lookup of the path.
+// O_NONBLOCK keeps a fifo from hanging the worker; the type check refuses it after.
+UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& caller);
+
+// fstat()s the fd and checks it may back a loop device: a non-empty regular file or
+// a block device, larger than offset. Throws loopd::Error(InvalidArgument) naming
+// `what` otherwise.
+BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset);
+
+} // namespace loopd::kernel

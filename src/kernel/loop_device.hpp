@@ -1,0 +1,79 @@
+#pragma once
+
+#include <loopd/unique_fd.hpp>
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+// Thin wrappers over the loop driver's ioctls. Everything here blocks and runs on
+// worker threads. Failures throw std::system_error with the syscall named.
+namespace loopd::kernel {
+
+// What LOOP_CONFIGURE is asked to apply.
+struct LoopConfig {
+    int backingFd = -1;
+    uint64_t offset = 0;
+    uint64_t sizeLimit = 0;
+    uint32_t sectorSize = 512;
+    bool readOnly = false;
+    bool directIo = false;
+    bool partscan = true;
+    bool autoclear = false;
+    std::string fileName; // lo_file_name: the ref, or the path for humans
+};
+
+// What LOOP_GET_STATUS64 reports about a bound device.
+struct LoopStatus {
+    dev_t backingDevice = 0;
+    ino_t backingInode = 0;
+    uint64_t offset = 0;
+    uint64_t sizeLimit = 0;
+    bool readOnly = false;
+    bool directIo = false;
+    bool partscan = false;
+    bool autoclear = false;
+};
+
+std::string loopDevNode(unsigned number);
+std::string partitionDevNode(unsigned number, unsigned partition);
+
+// /dev/loop-control, locked with LOCK_EX while held: systemd's loop code takes the
+// same lock, so two cooperating allocators never race for one number.
+class LoopControl {
+public:
+    LoopControl();
+    // LOOP_CTL_GET_FREE: a number that is unbound right now (it may be taken by
+    // someone not using the lock before we configure it; configure() says so).
+    unsigned getFree();
+
+private:
+    UniqueFd fd_;
+};
+
+UniqueFd openLoop(unsigned number, bool readOnly);
+
+// flock() on an fd; op is LOCK_EX, LOCK_SH or LOCK_UN. Retries EINTR.
+void lockFd(int fd, int op);
+
+// nullopt when the device is unbound (ENXIO).
+std::optional<LoopStatus> getStatus(int loopFd);
+
+// LOOP_CONFIGURE, falling back to LOOP_SET_FD + LOOP_SET_STATUS64 on kernels before
+// 5.8. Returns false when the device was bound by someone else meanwhile (EBUSY),
+// so the caller can pick another number.
+bool configure(int loopFd, const LoopConfig& config);
+
+// BLKGETDISKSEQ (5.15+) on the fd that configured the device: the attachment's
+// identity, read without any window for a detach and re-attach in between.
+uint64_t diskseq(int loopFd);
+uint64_t sizeBytes(int loopFd);
+uint32_t logicalBlockSize(int loopFd);
+
+// LOOP_CLR_FD. Since 6.11 the release happens at the last close; with other
+// openers it only marks the device autoclear.
+void clear(int loopFd);
+
+} // namespace loopd::kernel

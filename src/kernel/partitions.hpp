@@ -1,0 +1,30 @@
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+// Partition tables and block-device partitions. Blocking; runs on workers.
+namespace loopd::kernel {
+
+struct PartitionSpec {
+    unsigned number = 0;
+    uint64_t startBytes = 0;
+    uint64_t sizeBytes = 0;
+};
+
+// The partition table libblkid finds on the device behind fd, in number order;
+// empty when there is none. Extended (container) MBR partitions are skipped: the
+// kernel exposes them as 1 KiB stubs that are of no use to anyone.
+std::vector<PartitionSpec> probePartitions(int fd);
+
+// BLKPG_ADD_PARTITION. Returns false if the partition already exists (EBUSY: the
+// kernel's own parser created it, on kernels that have one).
+bool addPartition(int fd, const PartitionSpec& spec);
+
+// BLKPG_DEL_PARTITION; a partition that does not exist (ENXIO) is fine.
+void removePartition(int fd, unsigned number);
+
+// Partition numbers the kernel has for loopN now (from sysfs), in order.
+std::vector<unsigned> existingPartitions(unsigned loopNumber);
+
+} // namespace loopd::kernel

@@ -1,0 +1,575 @@
+#include "daemon.hpp"
+
+#include "errors.hpp"
+#include "kernel/loop_device.hpp"
+
+#include <loopd/error.hpp>
+
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <filesystem>
+#include <spdlog/spdlog.h>
+#include <system_error>
+
+namespace loopd::service {
+namespace {
+
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+// Detach confirmation: the remove events follow LOOP_CLR_FD within milliseconds.
+constexpr auto releaseTimeout = 10s;
+
+uint64_t realtimeUsec()
+{
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                     std::chrono::system_clock::now().time_since_epoch())
+                                     .count());
+}
+
+long long millisSince(core::Clock::time_point start)
+{
+    return std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count();
+}
+
+std::string describe(const DeviceInfo& info)
+{
+    return kernel::loopDevNode(info.number) + " (diskseq " + std::to_string(info.diskseq) + ")";
+}
+
+UniqueFd makeSignalFd()
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    UniqueFd fd(::signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK));
+    if (!fd)
+        throw std::system_error(errno, std::generic_category(), "signalfd");
+    return fd;
+}
+
+} // namespace
+
+core::Watch Daemon::Device::watch() const
+{
+    return core::Watch{info.diskseq, info.number, info.partitions, source};
+}
+
+Daemon::Daemon(DaemonConfig config)
+    // Subscribe before anything else, so no event of an attachment can pass unseen.
+    : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes),
+      kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes), connection_(sdbus::createSystemBusConnection()),
+      busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
+      workers_(config_.workers), signalFd_(makeSignalFd())
+{
+    busProxy_->uponSignal("NameOwnerChanged")
+        .onInterface("org.freedesktop.DBus")
+        .call([this](const std::string& name, const std::string&, const std::string& newOwner) {
+            onNameOwnerChanged(name, newOwner);
+        });
+    busProxy_->finishRegistration();
+    manager_ = std::make_unique<ManagerObject>(*connection_, *this);
+
+    loop_.watch(udevMonitor_.fd(), [this] { onUevents(udevMonitor_); });
+    loop_.watch(kernelMonitor_.fd(), [this] { onUevents(kernelMonitor_); });
+    loop_.watch(workers_.fd(), [this] { workers_.runContinuations(); });
+    loop_.watch(signalFd_.get(), [this] { onSignal(); });
+    loop_.setPrepare([this] { return prepare(); });
+    loop_.setOnBus([] {}); // prepare() drains the bus every iteration
+
+    // Last: with Type=dbus, owning the name is what tells systemd loopd is up.
+    connection_->requestName(busName);
+    spdlog::info("loopd {} on the system bus as {}, readiness source {}", LOOPD_VERSION, busName, readinessSource());
+}
+
+Daemon::~Daemon()
+{
+    devices_.clear(); // objects go before the connection
+    manager_.reset();
+}
+
+void Daemon::run()
+{
+    loop_.run();
+    spdlog::info("loopd stopping; {} device(s) stay attached", devices_.size());
+}
+
+EventLoop::Wait Daemon::prepare()
+{
+    while (connection_->processPendingRequest()) {
+    }
+    settle(registry_.onTime(core::Clock::now()));
+    if (stopping_ && attaches_.empty() && detaches_.empty())
+        loop_.stop();
+
+    const auto poll = connection_->getEventLoopPollData();
+    EventLoop::Wait wait{poll.fd, static_cast<uint32_t>(poll.events), registry_.nextDeadline()};
+    if (const auto relative = poll.getRelativeTimeout()) {
+        const auto busDeadline = core::Clock::now() + *relative;
+        if (!wait.deadline || busDeadline < *wait.deadline)
+            wait.deadline = busDeadline;
+    }
+    return wait;
+}
+
+void Daemon::onUevents(uevent::Monitor& monitor)
+{
+    auto batch = monitor.receive();
+    if (batch.overflow)
+        spdlog::warn("uevent receive buffer overflowed: events were dropped");
+    for (const auto& event : batch.events)
+        settle(registry_.onEvent(event));
+}
+
+void Daemon::onSignal()
+{
+    signalfd_siginfo info{};
+    while (::read(signalFd_.get(), &info, sizeof(info)) == sizeof(info))
+        spdlog::info("signal {} received, finishing calls in progress", info.ssi_signo);
+    stopping_ = true;
+    std::vector<core::RequestId> configured;
+    for (const auto& [id, job] : attaches_)
+        if (job.diskseq != 0)
+            configured.push_back(id);
+    for (const auto id : configured) {
+        registry_.cancel(id);
+        abandonAttach(id, Errc::Failed, "loopd is stopping", true);
+    }
+}
+
+void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newOwner)
+{
+    if (!newOwner.empty() || name.empty() || name.front() != ':')
+        return;
+    for (auto& [id, job] : attaches_)
+        if (job.sender == name)
+            job.vanished = true;
+    std::vector<uint64_t> theirs;
+    for (const auto& [diskseq, device] : devices_)
+        if (device.owner == name && device.options.lifetime == Lifetime::Client && device.state == State::Ready)
+            theirs.push_back(diskseq);
+    for (const auto diskseq : theirs) {
+        spdlog::info("client left the bus, detaching its device sender={} diskseq={}", name, diskseq);
+        detachOwn(diskseq, "client-vanished");
+    }
+}
+
+void Daemon::settle(const std::vector<core::Outcome>& outcomes)
+{
+    using Kind = core::Outcome::Kind;
+    for (const auto& outcome : outcomes) {
+        const auto id = outcome.request;
+        if (attaches_.count(id)) {
+            if (outcome.kind == Kind::Ready)
+                attachReady(id);
+            else if (outcome.kind == Kind::Changed)
+                abandonAttach(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching",
+                              false);
+            else
+                abandonAttach(id, Errc::Timeout, "was not ready in time; it was detached again", true);
+        } else if (detaches_.count(id)) {
+            detachConfirmed(id, outcome.kind == Kind::TimedOut);
+        } else if (auto waiter = waiters_.extract(id)) {
+            auto& [result, diskseq] = waiter.mapped();
+            const auto it = devices_.find(diskseq);
+            if (outcome.kind == Kind::Ready && it != devices_.end())
+                replyReady(result, it->second);
+            else if (outcome.kind == Kind::Changed)
+                result.returnError(makeDbusError(Errc::DeviceChanged, "diskseq " + std::to_string(diskseq) +
+                                                                          " was replaced by someone else"));
+            else
+                result.returnError(makeDbusError(Errc::Timeout, "diskseq " + std::to_string(diskseq) +
+                                                                    " was not ready within the timeout"));
+        }
+    }
+}
+
+// ---- attach ---------------------------------------------------------------
+
+EventSource Daemon::eventSourceFor(ReadinessMode mode) const
+{
+    const bool udev = uevent::udevRunning();
+    if (mode == ReadinessMode::Udev && !udev)
+        throw Error(Errc::Failed, "readiness=udev was asked for, but no udevd is running");
+    return mode == ReadinessMode::Kernel || !udev ? EventSource::Kernel : EventSource::Udev;
+}
+
+void Daemon::attachPath(AttachResult&& result, const std::string& sender, std::string path, core::OptionMap options)
+{
+    auto what = path;
+    startAttach(std::move(result), sender, std::move(what), std::move(path), options);
+}
+
+void Daemon::attachFd(AttachResult&& result, const std::string& sender, sdbus::UnixFd fd, core::OptionMap options)
+{
+    const auto what = "file descriptor " + std::to_string(fd.get()) + " of " + sender;
+    startAttach(std::move(result), sender, what, std::move(fd), options);
+}
+
+void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::string what,
+                         std::variant<std::string, sdbus::UnixFd> source, const core::OptionMap& optionMap)
+{
+    if (stopping_)
+        throw Error(Errc::Failed, "loopd is stopping");
+    auto options = core::parseAttachOptions(optionMap);
+    if (!options.ref.empty() && refs_.count(options.ref))
+        throw Error(Errc::InvalidArgument, "ref '" + options.ref + "' is already used by another loopd device");
+    const auto events = eventSourceFor(options.readiness);
+    const auto now = core::Clock::now();
+
+    // From here on nothing throws: the result belongs to the pending call.
+    const auto id = nextId_++;
+    if (!options.ref.empty())
+        refs_.insert(options.ref);
+    const auto deadline = now + options.timeout;
+    attaches_.emplace(id, PendingAttach{std::move(result), sender, std::move(what), std::move(source),
+                                        std::move(options), events, deadline, 0, 0, now, false});
+    lookupCaller(sender, [this, id](std::exception_ptr error, Caller caller) {
+        auto& job = attaches_.at(id);
+        if (!error && caller.uid != 0)
+            error = std::make_exception_ptr(Error(
+                Errc::AccessDenied, "attaching " + job.what + " needs root; caller uid " + std::to_string(caller.uid)));
+        if (!error && stopping_)
+            error = std::make_exception_ptr(Error(Errc::Failed, "loopd is stopping"));
+        if (error)
+            return attachFailed(id, error);
+        job.ownerUid = caller.uid;
+        runAttach(id, caller);
+    });
+}
+
+void Daemon::lookupCaller(const std::string& sender, std::function<void(std::exception_ptr, Caller)> then)
+{
+    try {
+        // Asynchronous: the loop never waits for the bus daemon.
+        busProxy_->callMethodAsync("GetConnectionCredentials")
+            .onInterface("org.freedesktop.DBus")
+            .withArguments(sender)
+            .uponReplyInvoke([then](const sdbus::Error* error, std::map<std::string, sdbus::Variant> credentials) {
+                if (error)
+                    return then(std::make_exception_ptr(*error), {});
+                Caller caller;
+                caller.uid = credentials.count("UnixUserID") ? credentials.at("UnixUserID").get<uint32_t>()
+                                                              : UINT32_MAX;
+                if (credentials.count("UnixGroupIDs"))
+                    caller.groups = credentials.at("UnixGroupIDs").get<std::vector<uint32_t>>();
+                then(nullptr, std::move(caller));
+            });
+    } catch (...) {
+        then(std::current_exception(), {});
+    }
+}
+
+void Daemon::runAttach(core::RequestId id, const Caller& caller)
+{
+    auto& job = attaches_.at(id);
+    struct Work {
+        std::string path;
+        UniqueFd fd;
+        std::string what;
+        AttachOptions options;
+        kernel::Credentials credentials;
+    };
+    auto work = std::make_shared<Work>();
+    if (auto* path = std::get_if<std::string>(&job.source))
+        work->path = *path;
+    else
+        work->fd = UniqueFd(std::get<sdbus::UnixFd>(job.source).release());
+    work->what = job.what;
+    work->options = job.options;
+    work->credentials = kernel::Credentials{caller.uid, caller.uid, {caller.groups.begin(), caller.groups.end()}};
+
+    // Worker thread: only the captured work and pure kernel calls.
+    workers_.submit([this, id, work]() -> WorkerPool::Continuation {
+        try {
+            auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
+                                    : openBacking(work->path, work->options, work->credentials);
+            auto attached = std::make_shared<Attached>(attach(backing, work->options, work->what));
+            return [this, id, attached] { onAttached(id, attached); };
+        } catch (...) {
+            return [this, id, error = std::current_exception()] { attachFailed(id, error); };
+        }
+    });
+}
+
+void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
+{
+    auto& job = attaches_.at(id);
+    const auto diskseq = attached->info.diskseq;
+    Device device;
+    device.info = attached->info;
+    device.lockFd = std::make_shared<UniqueFd>(std::move(attached->lockFd));
+    device.options = job.options;
+    device.source = job.events;
+    device.owner = job.sender;
+    device.ownerUid = job.ownerUid;
+    job.diskseq = diskseq;
+    const auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
+    spdlog::debug("configured dev={} diskseq={} partitions={} file={}", kernel::loopDevNode(stored.info.number),
+                  diskseq, stored.info.partitions.size(), job.what);
+    linkRef(stored);
+    if (stopping_)
+        return abandonAttach(id, Errc::Failed, "loopd is stopping", true);
+    settle(registry_.expect(id, core::Goal::Ready, stored.watch(), job.deadline));
+}
+
+void Daemon::attachReady(core::RequestId id)
+{
+    auto node = attaches_.extract(id);
+    auto& job = node.mapped();
+    auto& device = devices_.at(job.diskseq);
+    device.state = State::Ready;
+    try {
+        device.object = std::make_unique<DeviceObject>(
+            *connection_,
+            DeviceProperties{device.info, device.options.ref, device.ownerUid, lifetimeName(device.options.lifetime),
+                             realtimeUsec()},
+            *this);
+    } catch (const sdbus::Error& e) {
+        spdlog::error("cannot export device object diskseq={}: {}", job.diskseq, e.getMessage());
+    }
+    replyReady(job.result, device);
+    manager_->devicesChanged();
+    spdlog::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
+                 kernel::loopDevNode(device.info.number), job.diskseq, device.info.partitions.size(), job.what,
+                 job.sender, millisSince(job.started));
+    if (job.vanished && device.options.lifetime == Lifetime::Client)
+        detachOwn(job.diskseq, "client-vanished");
+}
+
+void Daemon::attachFailed(core::RequestId id, std::exception_ptr error)
+{
+    auto node = attaches_.extract(id);
+    auto& job = node.mapped();
+    refs_.erase(job.options.ref);
+    const auto reply = toDbusError(error, job.what);
+    spdlog::warn("attach failed file={} sender={}: {}", job.what, job.sender, reply.getMessage());
+    job.result.returnError(reply);
+}
+
+// The attachment was configured but will not become ready: undo it (or, when
+// someone else took the device, only let go of it), then fail the call.
+void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why, bool clear)
+{
+    auto& job = attaches_.at(id);
+    auto& device = devices_.at(job.diskseq);
+    device.state = State::Detaching;
+    const auto message = describe(device.info) + " for " + job.what + ": " + why;
+    workers_.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info] {
+        if (clear)
+            undo(std::move(*fd), info);
+        else
+            fd->reset();
+        return WorkerPool::Continuation([this, id, code, message] {
+            auto node = attaches_.extract(id);
+            auto& job = node.mapped();
+            auto device = devices_.extract(job.diskseq);
+            unlinkRef(device.mapped());
+            refs_.erase(job.options.ref);
+            failWaiters(job.diskseq, code, message);
+            spdlog::warn("attach abandoned: {}", message);
+            job.result.returnError(makeDbusError(code, message));
+        });
+    });
+}
+
+void Daemon::replyReady(AttachResult& result, const Device& device)
+{
+    result.returnResults(sdbus::ObjectPath(devicePath(device.info.diskseq)), kernel::loopDevNode(device.info.number),
+                         device.info.diskseq, partitionNodes(device.info));
+}
+
+// ---- detach ---------------------------------------------------------------
+
+void Daemon::detach(VoidResult&& result, const std::string& sender, uint64_t diskseq, core::OptionMap options)
+{
+    core::parseDetachOptions(options);
+    const auto it = devices_.find(diskseq);
+    if (it == devices_.end())
+        throw Error(Errc::NotFound, "no loopd device with diskseq " + std::to_string(diskseq));
+    auto& device = it->second;
+    if (device.state != State::Ready)
+        throw Error(Errc::Busy, describe(device.info) +
+                                    (device.state == State::Attaching ? " is still attaching" : " is being detached"));
+
+    // From here on nothing throws. The state change keeps a second Detach out.
+    device.state = State::Detaching;
+    const auto id = nextId_++;
+    detaches_.emplace(id, PendingDetach{std::move(result), diskseq, "detached"});
+    lookupCaller(sender, [this, id, sender](std::exception_ptr error, Caller caller) {
+        auto& device = devices_.at(detaches_.at(id).diskseq);
+        if (!error && caller.uid != 0 && caller.uid != device.ownerUid)
+            error = std::make_exception_ptr(Error(Errc::AccessDenied, describe(device.info) + " belongs to uid " +
+                                                                          std::to_string(device.ownerUid)));
+        if (!error)
+            return startDetach(id);
+        device.state = State::Ready;
+        spdlog::warn("detach refused diskseq={} sender={}", device.info.diskseq, sender);
+        replyDetach(id, error);
+    });
+}
+
+void Daemon::detachOwn(uint64_t diskseq, std::string reason)
+{
+    auto& device = devices_.at(diskseq);
+    device.state = State::Detaching;
+    const auto id = nextId_++;
+    detaches_.emplace(id, PendingDetach{std::nullopt, diskseq, std::move(reason)});
+    startDetach(id);
+}
+
+void Daemon::startDetach(core::RequestId id)
+{
+    const auto& device = devices_.at(detaches_.at(id).diskseq);
+    workers_.submit([this, id, fd = device.lockFd, info = device.info] {
+        try {
+            const bool released = service::detach(*fd, info);
+            return WorkerPool::Continuation([this, id, released] { onDetachDone(id, nullptr, released); });
+        } catch (...) {
+            return WorkerPool::Continuation(
+                [this, id, error = std::current_exception()] { onDetachDone(id, error, false); });
+        }
+    });
+}
+
+void Daemon::onDetachDone(core::RequestId id, std::exception_ptr error, bool released)
+{
+    auto& pending = detaches_.at(id);
+    auto& device = devices_.at(pending.diskseq);
+    if (error) { // nothing was changed: loopd still owns the device
+        device.state = State::Ready;
+        return replyDetach(id, error);
+    }
+    if (!released) {
+        const auto message = describe(device.info) + " is still open elsewhere; the kernel releases it at its last "
+                                                     "close (autoclear is set)";
+        removeDevice(pending.diskseq, "autoclear");
+        return replyDetach(id, std::make_exception_ptr(Error(Errc::Busy, message)));
+    }
+    settle(registry_.expect(id, core::Goal::Released, device.watch(), core::Clock::now() + releaseTimeout));
+}
+
+void Daemon::detachConfirmed(core::RequestId id, bool timedOut)
+{
+    auto& pending = detaches_.at(id);
+    const auto diskseq = pending.diskseq;
+    const auto dev = describe(devices_.at(diskseq).info);
+    removeDevice(diskseq, pending.reason);
+    spdlog::info("detached dev={} reason={}{}", dev, pending.reason, timedOut ? " (remove events missing)" : "");
+    replyDetach(id, timedOut ? std::make_exception_ptr(Error(Errc::Timeout, dev + " was released, but udev did not "
+                                                                                  "confirm the removal in time"))
+                             : nullptr);
+}
+
+void Daemon::replyDetach(core::RequestId id, std::exception_ptr error)
+{
+    auto node = detaches_.extract(id);
+    auto& result = node.mapped().result;
+    if (!result)
+        return;
+    if (error)
+        result->returnError(toDbusError(error, "diskseq " + std::to_string(node.mapped().diskseq)));
+    else
+        result->returnResults();
+}
+
+void Daemon::removeDevice(uint64_t diskseq, const std::string& reason)
+{
+    auto node = devices_.extract(diskseq);
+    auto& device = node.mapped();
+    unlinkRef(device);
+    refs_.erase(device.options.ref);
+    device.object.reset(); // InterfacesRemoved
+    manager_->emitDeviceRemoved(sdbus::ObjectPath(devicePath(diskseq)), diskseq, reason);
+    manager_->devicesChanged();
+    failWaiters(diskseq, Errc::DeviceChanged, describe(device.info) + " was removed (" + reason + ")");
+}
+
+// ---- WaitReady ------------------------------------------------------------
+
+Daemon::Device* Daemon::findDevice(const std::string& name)
+{
+    for (auto& [diskseq, device] : devices_) {
+        if (kernel::loopDevNode(device.info.number) == name || std::to_string(diskseq) == name ||
+            (!device.options.ref.empty() && device.options.ref == name))
+            return &device;
+    }
+    return nullptr;
+}
+
+void Daemon::waitReady(AttachResult&& result, std::string name, uint64_t timeoutUsec)
+{
+    auto* device = findDevice(name);
+    if (!device || device->state == State::Detaching)
+        throw Error(Errc::NotFound, "no loopd device '" + name + "'");
+    if (device->state == State::Ready)
+        return replyReady(result, *device);
+    const auto timeout = timeoutUsec ? std::chrono::microseconds(timeoutUsec) : std::chrono::microseconds(10s);
+    const auto id = nextId_++;
+    waiters_.emplace(id, std::pair{std::move(result), device->info.diskseq});
+    settle(registry_.expect(id, core::Goal::Ready, device->watch(), core::Clock::now() + timeout));
+}
+
+void Daemon::failWaiters(uint64_t diskseq, Errc code, const std::string& message)
+{
+    for (auto it = waiters_.begin(); it != waiters_.end();) {
+        if (it->second.second != diskseq) {
+            ++it;
+            continue;
+        }
+        registry_.cancel(it->first);
+        it->second.first.returnError(makeDbusError(code, message));
+        it = waiters_.erase(it);
+    }
+}
+
+// ---- properties and by-ref links -------------------------------------------
+
+std::string Daemon::readinessSource() const
+{
+    return uevent::udevRunning() ? "udev" : "kernel";
+}
+
+uint32_t Daemon::deviceCount() const
+{
+    return static_cast<uint32_t>(std::count_if(devices_.begin(), devices_.end(),
+                                               [](const auto& entry) { return entry.second.state != State::Attaching; }));
+}
+
+// /run/loopd/by-ref/<ref> and <ref>-partN: stable names for units and scripts.
+// tmpfs operations, cheap enough for the loop thread.
+void Daemon::linkRef(const Device& device)
+{
+    if (device.options.ref.empty())
+        return;
+    const fs::path dir = fs::path(config_.runtimeDir) / "by-ref";
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    auto link = [&](const std::string& name, const std::string& target) {
+        fs::remove(dir / name, ec);
+        fs::create_symlink(target, dir / name, ec);
+        if (ec)
+            spdlog::warn("cannot link {}: {}", (dir / name).string(), ec.message());
+    };
+    link(device.options.ref, kernel::loopDevNode(device.info.number));
+    for (const auto partition : device.info.partitions)
+        link(device.options.ref + "-part" + std::to_string(partition),
+             kernel::partitionDevNode(device.info.number, partition));
+}
+
+void Daemon::unlinkRef(const Device& device)
+{
+    if (device.options.ref.empty())
+        return;
+    const fs::path dir = fs::path(config_.runtimeDir) / "by-ref";
+    std::error_code ec;
+    fs::remove(dir / device.options.ref, ec);
+    for (const auto partition : device.info.partitions)
+        fs::remove(dir / (device.options.ref + "-part" + std::to_string(partition)), ec);
+}
+
+} // namespace loopd::service

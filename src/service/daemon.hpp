@@ -1,0 +1,132 @@
+#pragma once
+
+#include "attach_sequence.hpp"
+#include "bus_objects.hpp"
+#include "core/registry.hpp"
+#include "event_loop.hpp"
+#include "uevent/monitor.hpp"
+#include "worker_pool.hpp"
+
+#include <loopd/attach_options.hpp>
+#include <loopd/error.hpp>
+
+#include <sdbus-c++/sdbus-c++.h>
+
+#include <map>
+#include <optional>
+#include <memory>
+#include <set>
+#include <string>
+#include <variant>
+
+namespace loopd::service {
+
+struct DaemonConfig {
+    int receiveBufferBytes = 128 * 1024 * 1024;
+    unsigned workers = 4;
+    std::string runtimeDir = "/run/loopd";
+};
+
+// Owns all state; everything here runs on the loop thread except the bodies of the
+// jobs handed to the worker pool, which touch only what they captured.
+class Daemon final : public Handlers {
+public:
+    explicit Daemon(DaemonConfig config);
+    ~Daemon() override;
+    void run();
+
+    void attachPath(AttachResult&& result, const std::string& sender, std::string path,
+                    core::OptionMap options) override;
+    void attachFd(AttachResult&& result, const std::string& sender, sdbus::UnixFd fd,
+                  core::OptionMap options) override;
+    void detach(VoidResult&& result, const std::string& sender, uint64_t diskseq, core::OptionMap options) override;
+    void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) override;
+    std::string readinessSource() const override;
+    uint32_t deviceCount() const override;
+
+private:
+    enum class State { Attaching, Ready, Detaching };
+    struct Device {
+        DeviceInfo info;
+        std::shared_ptr<UniqueFd> lockFd;
+        AttachOptions options;
+        EventSource source = EventSource::Udev;
+        std::string owner;
+        uint32_t ownerUid = 0;
+        State state = State::Attaching;
+        std::unique_ptr<DeviceObject> object;
+        [[nodiscard]] core::Watch watch() const;
+    };
+    struct PendingAttach {
+        AttachResult result;
+        std::string sender;
+        std::string what; // the path, or "fd N", for messages
+        std::variant<std::string, sdbus::UnixFd> source;
+        AttachOptions options;
+        EventSource events = EventSource::Udev;
+        core::Clock::time_point deadline;
+        uint32_t ownerUid = 0;
+        uint64_t diskseq = 0; // once configured
+        core::Clock::time_point started;
+        bool vanished = false; // the caller left the bus meanwhile
+    };
+    struct PendingDetach {
+        std::optional<VoidResult> result; // none when loopd detaches on its own
+        uint64_t diskseq;
+        std::string reason;
+    };
+    struct Caller {
+        uint32_t uid = 0;
+        std::vector<uint32_t> groups;
+    };
+
+    EventLoop::Wait prepare();
+    void onUevents(uevent::Monitor& monitor);
+    void onNameOwnerChanged(const std::string& name, const std::string& newOwner);
+    void onSignal();
+    EventSource eventSourceFor(ReadinessMode mode) const;
+    void settle(const std::vector<core::Outcome>& outcomes);
+
+    void startAttach(AttachResult&& result, const std::string& sender, std::string what,
+                     std::variant<std::string, sdbus::UnixFd> source, const core::OptionMap& options);
+    void lookupCaller(const std::string& sender, std::function<void(std::exception_ptr, Caller)> then);
+    void runAttach(core::RequestId id, const Caller& caller);
+    void onAttached(core::RequestId id, std::shared_ptr<Attached> attached);
+    void attachReady(core::RequestId id);
+    void attachFailed(core::RequestId id, std::exception_ptr error);
+    void abandonAttach(core::RequestId id, Errc code, const std::string& why, bool clear);
+
+    void detachOwn(uint64_t diskseq, std::string reason);
+    void startDetach(core::RequestId id);
+    void onDetachDone(core::RequestId id, std::exception_ptr error, bool released);
+    void detachConfirmed(core::RequestId id, bool timedOut);
+    void replyDetach(core::RequestId id, std::exception_ptr error);
+    void removeDevice(uint64_t diskseq, const std::string& reason);
+    void failWaiters(uint64_t diskseq, Errc code, const std::string& message);
+
+    void replyReady(AttachResult& result, const Device& device);
+    Device* findDevice(const std::string& name);
+    void linkRef(const Device& device);
+    void unlinkRef(const Device& device);
+
+    DaemonConfig config_;
+    uevent::Monitor udevMonitor_;
+    uevent::Monitor kernelMonitor_;
+    std::unique_ptr<sdbus::IConnection> connection_;
+    std::unique_ptr<sdbus::IProxy> busProxy_;
+    std::unique_ptr<ManagerObject> manager_;
+    WorkerPool workers_;
+    EventLoop loop_;
+    UniqueFd signalFd_;
+    core::Registry registry_;
+
+    core::RequestId nextId_ = 1;
+    std::map<uint64_t, Device> devices_; // by diskseq
+    std::map<core::RequestId, PendingAttach> attaches_;
+    std::map<core::RequestId, PendingDetach> detaches_;
+    std::map<core::RequestId, std::pair<AttachResult, uint64_t>> waiters_; // WaitReady, with diskseq
+    std::set<std::string> refs_;                                           // in use or reserved
+    bool stopping_ = false;
+};
+
+} // namespace loopd::service

@@ -1,0 +1,76 @@
+#include "event_loop.hpp"
+
+#include <sys/epoll.h>
+
+#include <array>
+#include <cerrno>
+#include <system_error>
+
+namespace loopd::service {
+namespace {
+[[noreturn]] void fail(const char* what)
+{
+    throw std::system_error(errno, std::generic_category(), what);
+}
+} // namespace
+
+EventLoop::EventLoop() : epoll_(::epoll_create1(EPOLL_CLOEXEC))
+{
+    if (!epoll_)
+        fail("epoll_create1");
+}
+
+void EventLoop::watch(int fd, std::function<void()> onReadable)
+{
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) < 0)
+        fail("epoll_ctl");
+    handlers_[fd] = std::move(onReadable);
+}
+
+void EventLoop::armBus(const Wait& wait)
+{
+    if (wait.fd == busFd_ && wait.events == busEvents_)
+        return;
+    epoll_event ev{};
+    ev.events = wait.events;
+    ev.data.fd = wait.fd;
+    const int op = busFd_ < 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    if (::epoll_ctl(epoll_.get(), op, wait.fd, &ev) < 0)
+        fail("epoll_ctl bus");
+    busFd_ = wait.fd;
+    busEvents_ = wait.events;
+}
+
+void EventLoop::run()
+{
+    std::array<epoll_event, 16> events{};
+    while (running_) {
+        const auto wait = prepare_();
+        if (!running_)
+            break;
+        armBus(wait);
+        int timeoutMs = -1;
+        if (wait.deadline) {
+            const auto left = std::chrono::ceil<std::chrono::milliseconds>(*wait.deadline - Clock::now());
+            timeoutMs = static_cast<int>(std::max<long long>(0, std::min<long long>(left.count(), 60'000)));
+        }
+        const int n = ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeoutMs);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("epoll_wait");
+        }
+        for (int i = 0; i < n; ++i) {
+            const int fd = events[static_cast<std::size_t>(i)].data.fd;
+            if (fd == busFd_)
+                onBus_();
+            else if (const auto it = handlers_.find(fd); it != handlers_.end())
+                it->second();
+        }
+    }
+}
+
+} // namespace loopd::service

@@ -1,0 +1,52 @@
+// loopd: attaches loop devices over D-Bus and replies only when the device and all
+// its partitions are ready. See README.md and dbus/org.loopd1.xml.
+#include "daemon.hpp"
+#include "log.hpp"
+
+#include <CLI/CLI.hpp>
+#include <sdbus-c++/Error.h>
+#include <spdlog/spdlog.h>
+
+#include <csignal>
+#include <cstdlib>
+
+int main(int argc, char** argv)
+{
+    CLI::App app{"loopd - loop devices attached over D-Bus, ready when the call returns.\n"
+                 "Owns org.loopd1 on the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured)."};
+    loopd::service::DaemonConfig config;
+    std::string logLevel = "info";
+    app.add_option("--log-level", logLevel, "trace, debug, info, warn or error")->capture_default_str();
+    app.add_option("--receive-buffer", config.receiveBufferBytes,
+                   "uevent socket receive buffer in bytes (small values force event loss, for tests)")
+        ->capture_default_str()
+        ->check(CLI::Range(4096, 1 << 30));
+    app.add_option("--workers", config.workers, "threads for blocking kernel work")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 64));
+    app.add_option("--runtime-dir", config.runtimeDir, "ownership records and by-ref links")->capture_default_str();
+    app.set_version_flag("--version", LOOPD_VERSION);
+    CLI11_PARSE(app, argc, argv);
+
+    loopd::service::setupLogging(logLevel);
+
+    // Before any thread starts, so only the signalfd ever sees these.
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &mask, nullptr);
+    std::signal(SIGPIPE, SIG_IGN);
+
+    try {
+        loopd::service::Daemon daemon(config);
+        daemon.run();
+    } catch (const sdbus::Error& e) {
+        spdlog::critical("D-Bus: {}: {}", e.getName(), e.getMessage());
+        return EXIT_FAILURE;
+    } catch (const std::exception& e) {
+        spdlog::critical("{}", e.what());
+        return EXIT_FAILURE;
+    }
+    return EXIT_SUCCESS;
+}

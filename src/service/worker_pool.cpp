@@ -1,0 +1,77 @@
+#include "worker_pool.hpp"
+
+#include <sys/eventfd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <system_error>
+
+namespace loopd::service {
+
+WorkerPool::WorkerPool(unsigned threads) : eventFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK))
+{
+    if (!eventFd_)
+        throw std::system_error(errno, std::generic_category(), "eventfd");
+    for (unsigned i = 0; i < threads; ++i)
+        threads_.emplace_back([this] { work(); });
+}
+
+WorkerPool::~WorkerPool()
+{
+    {
+        std::lock_guard lock(mutex_);
+        stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& thread : threads_)
+        thread.join();
+}
+
+void WorkerPool::submit(Job job)
+{
+    {
+        std::lock_guard lock(mutex_);
+        jobs_.push_back(std::move(job));
+    }
+    wake_.notify_one();
+}
+
+void WorkerPool::runContinuations()
+{
+    uint64_t count = 0;
+    // EAGAIN only means another wake-up already drained the counter.
+    (void)!::read(eventFd_.get(), &count, sizeof(count));
+    std::deque<Continuation> ready;
+    {
+        std::lock_guard lock(mutex_);
+        ready.swap(done_);
+    }
+    for (auto& continuation : ready)
+        continuation();
+}
+
+// Worker thread.
+void WorkerPool::work()
+{
+    for (;;) {
+        Job job;
+        {
+            std::unique_lock lock(mutex_);
+            wake_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+            if (stopping_ && jobs_.empty())
+                return;
+            job = std::move(jobs_.front());
+            jobs_.pop_front();
+        }
+        auto continuation = job();
+        {
+            std::lock_guard lock(mutex_);
+            done_.push_back(std::move(continuation));
+        }
+        const uint64_t one = 1;
+        // Cannot fail short of a counter overflow, which 2^64 completions would need.
+        (void)!::write(eventFd_.get(), &one, sizeof(one));
+    }
+}
+
+} // namespace loopd::service

@@ -1,0 +1,138 @@
+#include "monitor.hpp"
+
+#include <libudev.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string_view>
+#include <system_error>
+
+namespace loopd::uevent {
+namespace {
+
+[[noreturn]] void fail(int err, const char* what)
+{
+    throw std::system_error(err, std::generic_category(), what);
+}
+
+UeventAction parseAction(const char* action)
+{
+    const std::string_view a = action ? action : "";
+    if (a == "add")
+        return UeventAction::Add;
+    if (a == "change")
+        return UeventAction::Change;
+    if (a == "remove")
+        return UeventAction::Remove;
+    return UeventAction::Other;
+}
+
+uint64_t propertyNumber(udev_device* device, const char* key)
+{
+    const char* value = udev_device_get_property_value(device, key);
+    return value ? std::strtoull(value, nullptr, 10) : 0;
+}
+
+std::optional<Uevent> toUevent(udev_device* device, EventSource source)
+{
+    const auto name = parseLoopName(udev_device_get_sysname(device));
+    if (!name)
+        return std::nullopt;
+    Uevent event;
+    event.source = source;
+    event.action = parseAction(udev_device_get_action(device));
+    event.number = name->first;
+    event.partition = name->second;
+    event.diskseq = propertyNumber(device, "DISKSEQ");
+    if (const char* uuid = udev_device_get_property_value(device, "SYNTH_UUID"))
+        event.synthUuid = uuid;
+    return event;
+}
+
+} // namespace
+
+std::optional<std::pair<unsigned, unsigned>> parseLoopName(const char* sysname)
+{
+    if (!sysname || std::strncmp(sysname, "loop", 4) != 0)
+        return std::nullopt;
+    const char* p = sysname + 4;
+    auto digits = [](const char*& q, unsigned& out) {
+        if (*q < '0' || *q > '9')
+            return false;
+        unsigned long v = 0;
+        while (*q >= '0' && *q <= '9' && v < 100'000'000)
+            v = v * 10 + static_cast<unsigned>(*q++ - '0');
+        out = static_cast<unsigned>(v);
+        return true;
+    };
+    unsigned number = 0, partition = 0;
+    if (!digits(p, number))
+        return std::nullopt;
+    if (*p == 'p' && !digits(++p, partition))
+        return std::nullopt;
+    if (*p != '\0')
+        return std::nullopt;
+    return std::pair{number, partition};
+}
+
+bool udevRunning()
+{
+    return ::access("/run/udev/control", F_OK) == 0;
+}
+
+Monitor::Monitor(EventSource source, int receiveBufferBytes) : source_(source), udev_(udev_new()), monitor_(nullptr)
+{
+    if (!udev_)
+        fail(errno ? errno : ENOMEM, "udev_new");
+    monitor_ = udev_monitor_new_from_netlink(udev_, source == EventSource::Udev ? "udev" : "kernel");
+    if (!monitor_) {
+        udev_unref(udev_);
+        fail(errno ? errno : ENOMEM, "udev_monitor_new_from_netlink");
+    }
+    int r = udev_monitor_filter_add_match_subsystem_devtype(monitor_, "block", nullptr);
+    if (r >= 0)
+        r = udev_monitor_set_receive_buffer_size(monitor_, receiveBufferBytes);
+    if (r >= 0)
+        r = udev_monitor_enable_receiving(monitor_);
+    if (r < 0) {
+        udev_monitor_unref(monitor_);
+        udev_unref(udev_);
+        fail(-r, "enabling the uevent monitor");
+    }
+}
+
+Monitor::~Monitor()
+{
+    udev_monitor_unref(monitor_);
+    udev_unref(udev_);
+}
+
+int Monitor::fd() const
+{
+    return udev_monitor_get_fd(monitor_);
+}
+
+Monitor::Batch Monitor::receive()
+{
+    Batch batch;
+    for (;;) {
+        errno = 0;
+        udev_device* device = udev_monitor_receive_device(monitor_);
+        if (!device) {
+            if (errno == ENOBUFS) {
+                batch.overflow = true;
+                continue; // the socket is readable again after reporting the drop
+            }
+            // EAGAIN: drained. Anything else (a malformed or foreign message) was
+            // consumed and dropped by libudev; the level-triggered poll brings us
+            // back if more is readable.
+            break;
+        }
+        if (auto event = toUevent(device, source_))
+            batch.events.push_back(std::move(*event));
+        udev_device_unref(device);
+    }
+    return batch;
+}
+
+} // namespace loopd::uevent
