@@ -40,6 +40,16 @@ std::string describe(const DeviceInfo& info)
     return kernel::loopDevNode(info.number) + " (diskseq " + std::to_string(info.diskseq) + ")";
 }
 
+// The path the kernel has for an open file, for humans; nullopt if it has none.
+std::optional<std::string> fdPath(int fd)
+{
+    std::error_code ec;
+    auto path = fs::read_symlink("/proc/self/fd/" + std::to_string(fd), ec);
+    if (ec || path.empty() || path.native().front() != '/')
+        return std::nullopt;
+    return path.string();
+}
+
 UniqueFd makeSignalFd()
 {
     sigset_t mask;
@@ -286,6 +296,8 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
     // Worker thread: only the captured work and pure kernel calls.
     workers_.submit([this, id, work]() -> WorkerPool::Continuation {
         try {
+            if (work->fd) // name the caller's file in messages and lo_file_name
+                work->what = fdPath(work->fd.get()).value_or(work->what);
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
             auto attached = std::make_shared<Attached>(attach(backing, work->options, work->what));
