@@ -131,8 +131,12 @@ void Daemon::onUevents(uevent::Monitor& monitor)
     auto batch = monitor.receive();
     if (batch.overflow)
         spdlog::warn("uevent receive buffer overflowed: events were dropped");
-    for (const auto& event : batch.events)
+    for (const auto& event : batch.events) {
+        spdlog::trace("uevent source={} action={} dev=loop{}{} diskseq={}",
+                      event.source == EventSource::Udev ? "udev" : "kernel", static_cast<int>(event.action),
+                      event.number, event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq);
         settle(registry_.onEvent(event));
+    }
 }
 
 void Daemon::onSignal()
@@ -216,19 +220,26 @@ void Daemon::attachPath(AttachResult&& result, const std::string& sender, std::s
 
 void Daemon::attachFd(AttachResult&& result, const std::string& sender, sdbus::UnixFd fd, core::OptionMap options)
 {
-    const auto what = "file descriptor " + std::to_string(fd.get()) + " of " + sender;
+    // The file's path names it in messages and lo_file_name (a procfs read, quick).
+    const auto what = fdPath(fd.get()).value_or("the file descriptor passed by " + sender);
     startAttach(std::move(result), sender, what, std::move(fd), options);
 }
 
 void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::string what,
                          std::variant<std::string, sdbus::UnixFd> source, const core::OptionMap& optionMap)
 {
-    if (stopping_)
-        throw Error(Errc::Failed, "loopd is stopping");
-    auto options = core::parseAttachOptions(optionMap);
-    if (!options.ref.empty() && refs_.count(options.ref))
-        throw Error(Errc::InvalidArgument, "ref '" + options.ref + "' is already used by another loopd device");
-    const auto events = eventSourceFor(options.readiness);
+    AttachOptions options;
+    EventSource events;
+    try {
+        if (stopping_)
+            throw Error(Errc::Failed, "loopd is stopping");
+        options = core::parseAttachOptions(optionMap);
+        if (!options.ref.empty() && refs_.count(options.ref))
+            throw Error(Errc::InvalidArgument, "ref '" + options.ref + "' is already used by another loopd device");
+        events = eventSourceFor(options.readiness);
+    } catch (const Error& e) {
+        throw Error(e.code(), "cannot attach " + what + ": " + e.what());
+    }
     const auto now = core::Clock::now();
 
     // From here on nothing throws: the result belongs to the pending call.
@@ -296,8 +307,6 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
     // Worker thread: only the captured work and pure kernel calls.
     workers_.submit([this, id, work]() -> WorkerPool::Continuation {
         try {
-            if (work->fd) // name the caller's file in messages and lo_file_name
-                work->what = fdPath(work->fd.get()).value_or(work->what);
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
             auto attached = std::make_shared<Attached>(attach(backing, work->options, work->what));

@@ -1,6 +1,9 @@
 #include "monitor.hpp"
 
 #include <libudev.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -77,7 +80,18 @@ std::optional<std::pair<unsigned, unsigned>> parseLoopName(const char* sysname)
 
 bool udevRunning()
 {
-    return ::access("/run/udev/control", F_OK) == 0;
+    // The socket file outlives a udevd that was killed; only a listener accepts.
+    // A non-blocking connect answers at once either way.
+    const int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return false;
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::strncpy(address.sun_path, "/run/udev/control", sizeof(address.sun_path) - 1);
+    const bool listening = ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 ||
+                           errno == EAGAIN || errno == EINPROGRESS;
+    ::close(fd);
+    return listening;
 }
 
 Monitor::Monitor(EventSource source, int receiveBufferBytes) : source_(source), udev_(udev_new()), monitor_(nullptr)
