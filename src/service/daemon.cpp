@@ -112,12 +112,15 @@ EventLoop::Wait Daemon::prepare()
 {
     while (connection_->processPendingRequest()) {
     }
-    settle(registry_.onTime(core::Clock::now()));
+    const auto now = core::Clock::now();
+    settle(registry_.onTime(now));
     if (stopping_ && attaches_.empty() && detaches_.empty())
         loop_.stop();
 
     const auto poll = connection_->getEventLoopPollData();
     EventLoop::Wait wait{poll.fd, static_cast<uint32_t>(poll.events), registry_.nextDeadline()};
+    if (const auto ping = watchdog_.ping(now); !wait.deadline || ping < *wait.deadline)
+        wait.deadline = ping;
     if (const auto relative = poll.getRelativeTimeout()) {
         const auto busDeadline = core::Clock::now() + *relative;
         if (!wait.deadline || busDeadline < *wait.deadline)

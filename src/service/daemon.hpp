@@ -5,6 +5,7 @@
 #include "core/registry.hpp"
 #include "event_loop.hpp"
 #include "uevent/monitor.hpp"
+#include "watchdog.hpp"
 #include "worker_pool.hpp"
 
 #include <loopd/attach_options.hpp>
@@ -119,6 +120,7 @@ private:
     EventLoop loop_;
     UniqueFd signalFd_;
     core::Registry registry_;
+    Watchdog watchdog_;
 
     core::RequestId nextId_ = 1;
     std::map<uint64_t, Device> devices_; // by diskseq
