@@ -30,6 +30,13 @@ void EventLedger::feed(const Uevent& event)
         view.partitions.erase(event.partition);
 }
 
+void EventLedger::resync(unsigned number, EventSource source, View snapshot)
+{
+    auto& view = views_[number][slot(source)];
+    if (snapshot.diskseq >= view.diskseq)
+        view = std::move(snapshot);
+}
+
 const EventLedger::View& EventLedger::view(unsigned number, EventSource source) const
 {
     const auto it = views_.find(number);

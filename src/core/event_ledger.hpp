@@ -26,6 +26,10 @@ public:
     };
 
     void feed(const Uevent& event);
+    // Replaces what is known of loopN from one source with a snapshot of the
+    // present state (after events were lost). A snapshot older than what events
+    // already said is ignored.
+    void resync(unsigned number, EventSource source, View snapshot);
     [[nodiscard]] const View& view(unsigned number, EventSource source) const;
     // The highest diskseq any source reported for loopN.
     [[nodiscard]] uint64_t newestDiskseq(unsigned number) const;

@@ -4,10 +4,11 @@
 
 namespace loopd::core {
 
-std::vector<Outcome> Registry::expect(RequestId id, Goal goal, Watch watch, Clock::time_point deadline)
+std::vector<Outcome> Registry::expect(RequestId id, Goal goal, Watch watch, Clock::time_point deadline,
+                                      std::optional<Clock::time_point> nudgeAt)
 {
     const auto number = watch.number;
-    const auto& request = requests_[id] = Request{goal, std::move(watch), deadline};
+    const auto& request = requests_[id] = Request{goal, std::move(watch), deadline, nudgeAt};
     byNumber_.emplace(number, id);
     std::vector<Outcome> out;
     if (const auto kind = evaluate(request))
@@ -18,8 +19,49 @@ std::vector<Outcome> Registry::expect(RequestId id, Goal goal, Watch watch, Cloc
 std::vector<Outcome> Registry::onEvent(const Uevent& event)
 {
     ledger_.feed(event);
+    return reevaluate(event.number);
+}
+
+std::vector<Outcome> Registry::resync(unsigned number, EventSource source, EventLedger::View snapshot)
+{
+    ledger_.resync(number, source, std::move(snapshot));
+    return reevaluate(number);
+}
+
+std::vector<Nudge> Registry::nudges(Clock::time_point now, Clock::duration retry)
+{
+    std::map<unsigned, Nudge> due; // one per device, though attach and WaitReady may both wait
+    for (auto& [id, request] : requests_) {
+        if (request.goal != Goal::Ready || !request.nudgeAt || *request.nudgeAt > now)
+            continue;
+        request.nudgeAt = now + retry;
+        const auto& watch = request.watch;
+        const auto& view = ledger_.view(watch.number, watch.source);
+        const bool current = view.diskseq == watch.diskseq;
+        Nudge nudge{watch, !current || !view.disk, {}};
+        for (const auto p : watch.partitions)
+            if (!current || view.partitions.count(p) == 0)
+                nudge.partitions.push_back(p);
+        due.insert_or_assign(watch.number, std::move(nudge));
+    }
+    std::vector<Nudge> out;
+    for (auto& [number, nudge] : due)
+        out.push_back(std::move(nudge));
+    return out;
+}
+
+std::vector<unsigned> Registry::watchedNumbers() const
+{
+    std::vector<unsigned> numbers;
+    for (auto it = byNumber_.begin(); it != byNumber_.end(); it = byNumber_.upper_bound(it->first))
+        numbers.push_back(it->first);
+    return numbers;
+}
+
+std::vector<Outcome> Registry::reevaluate(unsigned number)
+{
     std::vector<RequestId> affected;
-    const auto [first, last] = byNumber_.equal_range(event.number);
+    const auto [first, last] = byNumber_.equal_range(number);
     for (auto it = first; it != last; ++it)
         affected.push_back(it->second);
 
@@ -59,9 +101,15 @@ void Registry::cancel(RequestId id)
 std::optional<Clock::time_point> Registry::nextDeadline() const
 {
     std::optional<Clock::time_point> next;
-    for (const auto& [id, request] : requests_)
-        if (!next || request.deadline < *next)
-            next = request.deadline;
+    auto consider = [&](Clock::time_point t) {
+        if (!next || t < *next)
+            next = t;
+    };
+    for (const auto& [id, request] : requests_) {
+        consider(request.deadline);
+        if (request.nudgeAt)
+            consider(*request.nudgeAt);
+    }
     return next;
 }
 

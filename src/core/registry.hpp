@@ -24,6 +24,15 @@ struct Watch {
 
 enum class Goal { Ready, Released };
 
+// A request for readiness that waited a grace period without completing: the
+// events it misses (disk and/or partitions) may have been dropped by the kernel,
+// so the caller asks the kernel to send them again.
+struct Nudge {
+    Watch watch;
+    bool disk = false;                // the disk's event is missing
+    std::vector<unsigned> partitions; // these partitions' events are missing
+};
+
 struct Outcome {
     enum class Kind { Ready, Released, Changed, TimedOut };
     RequestId request;
@@ -39,8 +48,16 @@ struct Outcome {
 class Registry {
 public:
     // Starts waiting; the outcome may be immediate when the events already came.
-    std::vector<Outcome> expect(RequestId request, Goal goal, Watch watch, Clock::time_point deadline);
+    // A Ready request still waiting at nudgeAt is reported by nudges().
+    std::vector<Outcome> expect(RequestId request, Goal goal, Watch watch, Clock::time_point deadline,
+                                std::optional<Clock::time_point> nudgeAt = std::nullopt);
     std::vector<Outcome> onEvent(const Uevent& event);
+    // A snapshot of the present state replaced what events said (see EventLedger).
+    std::vector<Outcome> resync(unsigned number, EventSource source, EventLedger::View snapshot);
+    // Requests whose nudge time passed, one per device; each is due again after retry.
+    std::vector<Nudge> nudges(Clock::time_point now, Clock::duration retry);
+    // Loop numbers with requests waiting on them.
+    [[nodiscard]] std::vector<unsigned> watchedNumbers() const;
     std::vector<Outcome> onTime(Clock::time_point now);
     // Forgets a request without an outcome (its caller is handled elsewhere).
     void cancel(RequestId request);
@@ -54,7 +71,9 @@ private:
         Goal goal;
         Watch watch;
         Clock::time_point deadline;
+        std::optional<Clock::time_point> nudgeAt;
     };
+    std::vector<Outcome> reevaluate(unsigned number);
 
     [[nodiscard]] std::optional<Outcome::Kind> evaluate(const Request& request) const;
     void settle(RequestId id, Outcome::Kind kind, std::vector<Outcome>& out);

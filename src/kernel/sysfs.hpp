@@ -11,5 +11,12 @@ namespace loopd::kernel {
 std::optional<uint64_t> sysfsDiskseq(unsigned number);
 // loop/backing_file; nullopt when the device is unbound.
 std::optional<std::string> sysfsBackingFile(unsigned number);
+// loop/autoclear; nullopt when the device is unbound. `losetup -d` on a device
+// that loopd holds open only sets this (the release waits for loopd's close).
+std::optional<bool> sysfsAutoclear(unsigned number);
+
+// Asks the kernel to send the "change" uevent of loopN (partition 0) or loopNpK
+// again, tagged SYNTH_UUID=uuid, by writing "change <uuid>" to its uevent file.
+void triggerChange(unsigned number, unsigned partition, const std::string& uuid);
 
 } // namespace loopd::kernel

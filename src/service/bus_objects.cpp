@@ -75,6 +75,11 @@ void ManagerObject::devicesChanged()
     emitPropertiesChangedSignal(org::loopd1::Manager_adaptor::INTERFACE_NAME, {"Devices"});
 }
 
+void ManagerObject::readinessSourceChanged()
+{
+    emitPropertiesChangedSignal(org::loopd1::Manager_adaptor::INTERFACE_NAME, {"ReadinessSource"});
+}
+
 std::string ManagerObject::sender() const
 {
     return getObject().getCurrentlyProcessedMessage()->getSender();

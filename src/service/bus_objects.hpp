@@ -49,6 +49,7 @@ public:
     ManagerObject(sdbus::IConnection& connection, Handlers& handlers);
     ~ManagerObject();
     void devicesChanged();
+    void readinessSourceChanged();
     using org::loopd1::Manager_adaptor::emitDeviceRemoved;
 
 private:

@@ -2,6 +2,8 @@
 
 #include "errors.hpp"
 #include "kernel/loop_device.hpp"
+#include "kernel/partitions.hpp"
+#include "kernel/sysfs.hpp"
 
 #include <loopd/error.hpp>
 
@@ -10,7 +12,9 @@
 
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
+#include <random>
 #include <spdlog/spdlog.h>
 #include <system_error>
 
@@ -22,6 +26,28 @@ namespace fs = std::filesystem;
 
 // Detach confirmation: the remove events follow LOOP_CLR_FD within milliseconds.
 constexpr auto releaseTimeout = 10s;
+// How long an attach waits for its events before asking the kernel to send them
+// again (kernels 5.19-6.14 drop some loop uevents; sockets drop them under load).
+// Readiness takes ~10 ms here, so a second means something was lost.
+constexpr auto nudgeAfter = 1s;
+// How often owned devices are checked for a foreign `losetup -d` (it only sets
+// autoclear, and sends no event while loopd holds the device open) and udevd for
+// life. The API promises DeviceRemoved within a second.
+constexpr auto housekeepingInterval = 250ms;
+
+// A random RFC 4122 version 4 UUID, for SYNTH_UUID.
+std::string makeUuid()
+{
+    static std::mt19937_64 random(std::random_device{}());
+    const uint64_t hi = (random() & ~0xf000ULL) | 0x4000ULL;
+    const uint64_t lo = (random() & ~(3ULL << 62)) | (2ULL << 62);
+    char text[37];
+    std::snprintf(text, sizeof(text), "%08llx-%04llx-%04llx-%04llx-%012llx",
+                  static_cast<unsigned long long>(hi >> 32), static_cast<unsigned long long>((hi >> 16) & 0xffff),
+                  static_cast<unsigned long long>(hi & 0xffff), static_cast<unsigned long long>(lo >> 48),
+                  static_cast<unsigned long long>(lo & 0xffffffffffffULL));
+    return text;
+}
 
 uint64_t realtimeUsec()
 {
@@ -71,7 +97,7 @@ core::Watch Daemon::Device::watch() const
 
 Daemon::Daemon(DaemonConfig config)
     // Subscribe before anything else, so no event of an attachment can pass unseen.
-    : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes),
+    : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
       kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes), connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
       workers_(config_.workers), signalFd_(makeSignalFd())
@@ -90,6 +116,10 @@ Daemon::Daemon(DaemonConfig config)
     loop_.watch(signalFd_.get(), [this] { onSignal(); });
     loop_.setPrepare([this] { return prepare(); });
     loop_.setOnBus([] {}); // prepare() drains the bus every iteration
+
+    udevSeen_ = uevent::udevRunning();
+    if (config_.drops.any())
+        spdlog::warn("test fault injection is on: udev events are dropped on purpose");
 
     // Last: with Type=dbus, owning the name is what tells systemd loopd is up.
     connection_->requestName(busName);
@@ -114,12 +144,16 @@ EventLoop::Wait Daemon::prepare()
     }
     const auto now = core::Clock::now();
     settle(registry_.onTime(now));
+    for (const auto& due : registry_.nudges(now, nudgeAfter))
+        nudge(due);
+    if (now >= nextHousekeeping_)
+        housekeeping(now);
     if (stopping_ && attaches_.empty() && detaches_.empty())
         loop_.stop();
 
     const auto poll = connection_->getEventLoopPollData();
     EventLoop::Wait wait{poll.fd, static_cast<uint32_t>(poll.events), registry_.nextDeadline()};
-    if (const auto ping = watchdog_.ping(now); !wait.deadline || ping < *wait.deadline)
+    if (const auto ping = std::min(watchdog_.ping(now), nextHousekeeping_); !wait.deadline || ping < *wait.deadline)
         wait.deadline = ping;
     if (const auto relative = poll.getRelativeTimeout()) {
         const auto busDeadline = core::Clock::now() + *relative;
@@ -132,14 +166,22 @@ EventLoop::Wait Daemon::prepare()
 void Daemon::onUevents(uevent::Monitor& monitor)
 {
     auto batch = monitor.receive();
-    if (batch.overflow)
-        spdlog::warn("uevent receive buffer overflowed: events were dropped");
+    std::set<unsigned> owned;
     for (const auto& event : batch.events) {
-        spdlog::trace("uevent source={} action={} dev=loop{}{} diskseq={}",
+        spdlog::trace("uevent source={} action={} dev=loop{}{} diskseq={}{}",
                       event.source == EventSource::Udev ? "udev" : "kernel", static_cast<int>(event.action),
-                      event.number, event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq);
+                      event.number, event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq,
+                      event.synthUuid.empty() ? "" : " synth_uuid=" + event.synthUuid);
         settle(registry_.onEvent(event));
+        if (numbers_.count(event.number))
+            owned.insert(event.number);
     }
+    // A "change" with the old diskseq is sent on attach and on detach alike: only
+    // sysfs tells whether someone else released or replaced an owned device.
+    for (const auto number : owned)
+        checkOwned(number);
+    if (batch.overflow)
+        resyncAll();
 }
 
 void Daemon::onSignal()
@@ -203,6 +245,115 @@ void Daemon::settle(const std::vector<core::Outcome>& outcomes)
                                                                     " was not ready within the timeout"));
         }
     }
+}
+
+// ---- when events lie --------------------------------------------------------
+
+// Events were lost (ENOBUFS): what they would have said is read from sysfs and
+// udev's database instead, for every device someone waits on or loopd owns.
+void Daemon::resyncAll()
+{
+    std::set<unsigned> numbers;
+    for (const auto number : registry_.watchedNumbers())
+        numbers.insert(number);
+    for (const auto& [number, diskseq] : numbers_)
+        numbers.insert(number);
+    spdlog::warn("uevents were lost (receive buffer overflow); re-enumerating {} device(s)", numbers.size());
+    for (const auto number : numbers)
+        resync(number);
+}
+
+// Loop thread: sysfs and /run/udev reads, no waiting.
+void Daemon::resync(unsigned number)
+{
+    const auto diskseq = kernel::sysfsDiskseq(number);
+    if (!diskseq)
+        return;
+    const auto partitions = kernel::existingPartitions(number);
+    core::EventLedger::View kernelView{*diskseq, true, {partitions.begin(), partitions.end()}};
+    settle(registry_.resync(number, EventSource::Kernel, kernelView));
+
+    core::EventLedger::View udevView{*diskseq, false, {}};
+    for (const auto& [partition, entry] : uevent::readUdevDatabase(number)) {
+        if (!entry.initialized || entry.diskseq != *diskseq)
+            continue;
+        if (partition == 0)
+            udevView.disk = true;
+        else if (kernelView.partitions.count(partition))
+            udevView.partitions.insert(partition);
+    }
+    settle(registry_.resync(number, EventSource::Udev, udevView));
+    checkOwned(number);
+}
+
+// An owned, ready device whose diskseq moved on or that lost its backing file was
+// released or replaced by someone else.
+void Daemon::checkOwned(unsigned number)
+{
+    const auto it = numbers_.find(number);
+    if (it == numbers_.end())
+        return;
+    const auto& device = devices_.at(it->second);
+    if (device.state != State::Ready)
+        return;
+    if (kernel::sysfsDiskseq(number) == device.info.diskseq && kernel::sysfsBackingFile(number))
+        return;
+    foreignDetach(device.info.diskseq);
+}
+
+// Someone else detached (or asked to detach) a device loopd owns: let go of it
+// without touching it further. Closing loopd's fd completes a `losetup -d`, whose
+// LOOP_CLR_FD only marked the device for release at its last close.
+void Daemon::foreignDetach(uint64_t diskseq)
+{
+    auto& device = devices_.at(diskseq);
+    device.state = State::Detaching;
+    spdlog::info("foreign detach dev={}", describe(device.info));
+    workers_.submit([this, diskseq, fd = device.lockFd] {
+        fd->reset();
+        return WorkerPool::Continuation([this, diskseq] { removeDevice(diskseq, "foreign-detach"); });
+    });
+}
+
+void Daemon::housekeeping(core::Clock::time_point now)
+{
+    nextHousekeeping_ = now + housekeepingInterval;
+    if (const bool udev = uevent::udevRunning(); udev != udevSeen_) {
+        udevSeen_ = udev;
+        spdlog::warn("udevd {}; readiness source is now {}", udev ? "is back" : "stopped", readinessSource());
+        manager_->readinessSourceChanged();
+    }
+    std::vector<uint64_t> released;
+    for (const auto& [diskseq, device] : devices_)
+        if (device.state == State::Ready && !device.options.autoclear &&
+            kernel::sysfsAutoclear(device.info.number).value_or(true))
+            released.push_back(diskseq);
+    for (const auto diskseq : released)
+        foreignDetach(diskseq);
+}
+
+// Asks the kernel to resend the events an attach still misses (worker: sysfs
+// writes make the kernel emit uevents synchronously).
+void Daemon::nudge(const core::Nudge& due)
+{
+    const auto uuid = makeUuid();
+    std::string missing = due.disk ? "disk" : "";
+    for (const auto p : due.partitions)
+        missing += (missing.empty() ? "p" : ",p") + std::to_string(p);
+    spdlog::info("synthetic trigger dev={} diskseq={} uuid={} missing={}", kernel::loopDevNode(due.watch.number),
+                 due.watch.diskseq, uuid, missing);
+    workers_.submit([due, uuid] {
+        try {
+            if (due.disk)
+                kernel::triggerChange(due.watch.number, 0, uuid);
+            for (const auto p : due.partitions)
+                kernel::triggerChange(due.watch.number, p, uuid);
+        } catch (const std::exception& e) {
+            // The partition may be gone for a moment (double scan); the next nudge retries.
+            spdlog::debug("synthetic trigger dev={} failed: {}", kernel::loopDevNode(due.watch.number), e.what());
+        }
+        return WorkerPool::Continuation([] {});
+    });
 }
 
 // ---- attach ---------------------------------------------------------------
@@ -333,12 +484,13 @@ void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
     device.ownerUid = job.ownerUid;
     job.diskseq = diskseq;
     const auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
+    numbers_[stored.info.number] = diskseq;
     spdlog::debug("configured dev={} diskseq={} partitions={} file={}", kernel::loopDevNode(stored.info.number),
                   diskseq, stored.info.partitions.size(), job.what);
     linkRef(stored);
     if (stopping_)
         return abandonAttach(id, Errc::Failed, "loopd is stopping", true);
-    settle(registry_.expect(id, core::Goal::Ready, stored.watch(), job.deadline));
+    settle(registry_.expect(id, core::Goal::Ready, stored.watch(), job.deadline, core::Clock::now() + nudgeAfter));
 }
 
 void Daemon::attachReady(core::RequestId id)
@@ -392,6 +544,7 @@ void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why
             auto node = attaches_.extract(id);
             auto& job = node.mapped();
             auto device = devices_.extract(job.diskseq);
+            numbers_.erase(device.mapped().info.number);
             unlinkRef(device.mapped());
             refs_.erase(job.options.ref);
             failWaiters(job.diskseq, code, message);
@@ -505,6 +658,7 @@ void Daemon::removeDevice(uint64_t diskseq, const std::string& reason)
 {
     auto node = devices_.extract(diskseq);
     auto& device = node.mapped();
+    numbers_.erase(device.info.number);
     unlinkRef(device);
     refs_.erase(device.options.ref);
     device.object.reset(); // InterfacesRemoved

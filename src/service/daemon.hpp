@@ -24,6 +24,7 @@ namespace loopd::service {
 
 struct DaemonConfig {
     int receiveBufferBytes = 128 * 1024 * 1024;
+    uevent::DropRules drops; // test-only fault injection
     unsigned workers = 4;
     std::string runtimeDir = "/run/loopd";
 };
@@ -85,6 +86,12 @@ private:
     void onUevents(uevent::Monitor& monitor);
     void onNameOwnerChanged(const std::string& name, const std::string& newOwner);
     void onSignal();
+    void housekeeping(core::Clock::time_point now);
+    void resyncAll();
+    void resync(unsigned number);
+    void checkOwned(unsigned number);
+    void foreignDetach(uint64_t diskseq);
+    void nudge(const core::Nudge& nudge);
     EventSource eventSourceFor(ReadinessMode mode) const;
     void settle(const std::vector<core::Outcome>& outcomes);
 
@@ -128,7 +135,10 @@ private:
     std::map<core::RequestId, PendingDetach> detaches_;
     std::map<core::RequestId, std::pair<AttachResult, uint64_t>> waiters_; // WaitReady, with diskseq
     std::set<std::string> refs_;                                           // in use or reserved
+    std::map<unsigned, uint64_t> numbers_;                                 // loop number -> diskseq, owned
     bool stopping_ = false;
+    bool udevSeen_ = false;
+    core::Clock::time_point nextHousekeeping_{};
 };
 
 } // namespace loopd::service

@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 
 int main(int argc, char** argv)
@@ -25,8 +26,20 @@ int main(int argc, char** argv)
         ->capture_default_str()
         ->check(CLI::Range(1, 64));
     app.add_option("--runtime-dir", config.runtimeDir, "ownership records and by-ref links")->capture_default_str();
+    std::vector<std::string> dropRules;
+    app.add_option("--test-drop", dropRules,
+                   "TESTS ONLY: drop udev events on purpose: 'disk' or 'partN' (the first of each attachment), "
+                   "'random:P' (each with probability P)");
+    app.add_option("--test-seed", config.drops.seed, "TESTS ONLY: seed for --test-drop random:P");
     app.set_version_flag("--version", LOOPD_VERSION);
     CLI11_PARSE(app, argc, argv);
+    try {
+        for (const auto& rule : dropRules)
+            config.drops.add(rule);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "--test-drop: %s\n", e.what());
+        return 2;
+    }
 
     loopd::service::setupLogging(logLevel);
 

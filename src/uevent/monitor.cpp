@@ -94,7 +94,67 @@ bool udevRunning()
     return listening;
 }
 
-Monitor::Monitor(EventSource source, int receiveBufferBytes) : source_(source), udev_(udev_new()), monitor_(nullptr)
+void DropRules::add(const std::string& rule)
+{
+    if (rule == "disk")
+        firstDiskEvent = true;
+    else if (rule.rfind("part", 0) == 0 && rule.size() > 4)
+        firstPartitionEvent.insert(static_cast<unsigned>(std::stoul(rule.substr(4))));
+    else if (rule.rfind("random:", 0) == 0)
+        probability = std::stod(rule.substr(7));
+    else
+        throw std::invalid_argument("unknown drop rule '" + rule + "' (disk, partN or random:P)");
+}
+
+bool Monitor::dropped(const Uevent& event)
+{
+    if (source_ != EventSource::Udev || !drops_.any())
+        return false;
+    if (drops_.probability > 0 && std::uniform_real_distribution<double>(0, 1)(random_) < drops_.probability)
+        return true;
+    const bool ruled = event.partition == 0 ? drops_.firstDiskEvent : drops_.firstPartitionEvent.count(event.partition);
+    if (!ruled || event.action == UeventAction::Remove)
+        return false;
+    auto& last = lastDropped_[{event.number, event.partition}];
+    if (last >= event.diskseq)
+        return false; // only the first of each attachment
+    last = event.diskseq;
+    return true;
+}
+
+std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number)
+{
+    std::map<unsigned, UdevEntry> entries;
+    udev* context = udev_new();
+    if (!context)
+        return entries;
+    udev_enumerate* enumerate = udev_enumerate_new(context);
+    const auto disk = "loop" + std::to_string(number);
+    if (enumerate && udev_enumerate_add_match_subsystem(enumerate, "block") >= 0 &&
+        udev_enumerate_add_match_sysname(enumerate, disk.c_str()) >= 0 &&
+        udev_enumerate_add_match_sysname(enumerate, (disk + "p*").c_str()) >= 0 &&
+        udev_enumerate_scan_devices(enumerate) >= 0) {
+        udev_list_entry* entry;
+        udev_list_entry_foreach(entry, udev_enumerate_get_list_entry(enumerate))
+        {
+            udev_device* device = udev_device_new_from_syspath(context, udev_list_entry_get_name(entry));
+            if (!device)
+                continue;
+            const auto name = parseLoopName(udev_device_get_sysname(device));
+            if (name && name->first == number)
+                entries[name->second] = UdevEntry{propertyNumber(device, "DISKSEQ"),
+                                                  udev_device_get_is_initialized(device) > 0 &&
+                                                      !udev_device_get_property_value(device, "ID_PROCESSING")};
+            udev_device_unref(device);
+        }
+    }
+    udev_enumerate_unref(enumerate);
+    udev_unref(context);
+    return entries;
+}
+
+Monitor::Monitor(EventSource source, int receiveBufferBytes, DropRules drops)
+    : source_(source), udev_(udev_new()), monitor_(nullptr), drops_(std::move(drops)), random_(drops_.seed)
 {
     if (!udev_)
         fail(errno ? errno : ENOMEM, "udev_new");
@@ -142,7 +202,7 @@ Monitor::Batch Monitor::receive()
             // back if more is readable.
             break;
         }
-        if (auto event = toUevent(device, source_))
+        if (auto event = toUevent(device, source_); event && !dropped(*event))
             batch.events.push_back(std::move(*event));
         udev_device_unref(device);
     }

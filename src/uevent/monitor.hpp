@@ -2,7 +2,11 @@
 
 #include <loopd/uevent.hpp>
 
+#include <map>
 #include <memory>
+#include <random>
+#include <set>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -13,11 +17,24 @@ struct udev_monitor;
 // loop thread: receive() never blocks.
 namespace loopd::uevent {
 
+// Test-only fault injection: udev-processed events the monitor drops as if the
+// socket had lost them, so tests reach the recovery paths on purpose.
+struct DropRules {
+    bool firstDiskEvent = false;               // the first disk event of every diskseq
+    std::set<unsigned> firstPartitionEvent;    // the first event of partition N of every diskseq
+    double probability = 0;                    // any event, at random
+    unsigned seed = 0;
+
+    // "disk", "partN" or "random:P"; throws std::invalid_argument otherwise.
+    void add(const std::string& rule);
+    [[nodiscard]] bool any() const { return firstDiskEvent || !firstPartitionEvent.empty() || probability > 0; }
+};
+
 class Monitor {
 public:
     // source Udev: events udevd broadcasts after processing; Kernel: the kernel's
     // own. receiveBufferBytes sizes the socket buffer (udevd itself uses 128 MiB).
-    Monitor(EventSource source, int receiveBufferBytes);
+    Monitor(EventSource source, int receiveBufferBytes, DropRules drops = {});
     ~Monitor();
     Monitor(const Monitor&) = delete;
     Monitor& operator=(const Monitor&) = delete;
@@ -32,10 +49,25 @@ public:
     Batch receive();
 
 private:
+    [[nodiscard]] bool dropped(const Uevent& event);
+
     EventSource source_;
     udev* udev_;
     udev_monitor* monitor_;
+    DropRules drops_;
+    std::map<std::pair<unsigned, unsigned>, uint64_t> lastDropped_; // (number, partition) -> diskseq
+    std::minstd_rand random_;
 };
+
+// What udev's database says of one device: the DISKSEQ it processed last, and
+// whether processing finished (the entry is initialized).
+struct UdevEntry {
+    uint64_t diskseq = 0;
+    bool initialized = false;
+};
+// loopN (partition 0) and its partitions that have a udev database entry, read
+// from /run/udev/data: for re-enumeration after lost events.
+std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number);
 
 // Parses "loopN" / "loopNpK" into (N, K); nullopt for other devices.
 std::optional<std::pair<unsigned, unsigned>> parseLoopName(const char* sysname);

@@ -161,3 +161,61 @@ TEST_CASE("cancel forgets a request")
     CHECK(registry.pending() == 0);
     CHECK(registry.onTime(deadline + 1s).empty());
 }
+
+TEST_CASE("resync after lost events: the snapshot completes what events did not say")
+{
+    Registry registry;
+    registry.expect(1, Goal::Ready, watch3(), deadline);
+    feed(registry, {ev(UeventAction::Change, 0, 40), ev(UeventAction::Add, 1, 40)});
+    // Events of p2 and p3 were dropped; udev's database has them.
+    const auto out = registry.resync(3, EventSource::Udev, EventLedger::View{40, true, {1, 2, 3}});
+    REQUIRE(out.size() == 1);
+    CHECK(out[0].kind == Kind::Ready);
+}
+
+TEST_CASE("resync showing a newer diskseq fails a waiting attach with Changed")
+{
+    Registry registry;
+    registry.expect(1, Goal::Ready, watch3(), deadline);
+    const auto out = registry.resync(3, EventSource::Kernel, EventLedger::View{41, true, {}});
+    REQUIRE(out.size() == 1);
+    CHECK(out[0].kind == Kind::Changed);
+}
+
+TEST_CASE("a stale snapshot does not undo what events said")
+{
+    Registry registry;
+    feed(registry, {ev(UeventAction::Change, 0, 40)});
+    registry.resync(3, EventSource::Udev, EventLedger::View{39, true, {1, 2, 3}});
+    CHECK(registry.ledger().view(3, EventSource::Udev).diskseq == 40);
+    CHECK(registry.ledger().view(3, EventSource::Udev).partitions.empty());
+}
+
+TEST_CASE("nudges name what is missing, once per device, and come again after the retry")
+{
+    Registry registry;
+    registry.expect(1, Goal::Ready, watch3(), deadline, t0 + 1s);
+    registry.expect(2, Goal::Ready, watch3(), deadline, t0 + 1s); // a WaitReady on the same device
+    feed(registry, {ev(UeventAction::Change, 0, 40), ev(UeventAction::Add, 1, 40), ev(UeventAction::Add, 3, 40)});
+    CHECK(registry.nudges(t0 + 500ms, 1s).empty());
+    CHECK(registry.nextDeadline() == t0 + 1s);
+    const auto due = registry.nudges(t0 + 1s, 1s);
+    REQUIRE(due.size() == 1);
+    CHECK_FALSE(due[0].disk);
+    CHECK(due[0].partitions == std::vector<unsigned>{2});
+    CHECK(registry.nudges(t0 + 1500ms, 1s).empty());
+    CHECK(registry.nudges(t0 + 2s, 1s).size() == 1);
+    // The resent event completes both requests.
+    CHECK(feed(registry, {ev(UeventAction::Change, 2, 40)}).size() == 2);
+    CHECK(registry.nudges(t0 + 5s, 1s).empty());
+}
+
+TEST_CASE("nothing seen yet: the nudge asks for the disk and every partition")
+{
+    Registry registry;
+    registry.expect(1, Goal::Ready, watch3(), deadline, t0);
+    const auto due = registry.nudges(t0, 1s);
+    REQUIRE(due.size() == 1);
+    CHECK(due[0].disk);
+    CHECK(due[0].partitions == std::vector<unsigned>{1, 2, 3});
+}
