@@ -140,6 +140,8 @@ std::optional<LoopStatus> getStatus(int loopFd)
         .directIo = (info.lo_flags & LO_FLAGS_DIRECT_IO) != 0,
         .partscan = (info.lo_flags & LO_FLAGS_PARTSCAN) != 0,
         .autoclear = (info.lo_flags & LO_FLAGS_AUTOCLEAR) != 0,
+        .fileName = std::string(reinterpret_cast<const char*>(info.lo_file_name),
+                                strnlen(reinterpret_cast<const char*>(info.lo_file_name), LO_NAME_SIZE)),
     };
 }
 

@@ -35,6 +35,7 @@ struct LoopStatus {
     bool directIo = false;
     bool partscan = false;
     bool autoclear = false;
+    std::string fileName; // lo_file_name
 };
 
 std::string loopDevNode(unsigned number);

@@ -9,7 +9,9 @@
 #include <sys/file.h>
 
 #include <cerrno>
+#include <filesystem>
 #include <chrono>
+#include <optional>
 #include <random>
 #include <spdlog/spdlog.h>
 #include <system_error>
@@ -20,7 +22,8 @@ namespace {
 
 constexpr int maxAllocationAttempts = 64;
 
-kernel::LoopConfig configOf(const kernel::BackingFile& backing, const AttachOptions& options, const std::string& what)
+kernel::LoopConfig configOf(const kernel::BackingFile& backing, const AttachOptions& options,
+                            const std::string& fileName)
 {
     return kernel::LoopConfig{
         .backingFd = backing.fd.get(),
@@ -31,7 +34,7 @@ kernel::LoopConfig configOf(const kernel::BackingFile& backing, const AttachOpti
         .directIo = options.directIo,
         .partscan = options.partscan,
         .autoclear = options.autoclear,
-        .fileName = options.ref.empty() ? what : options.ref,
+        .fileName = fileName,
     };
 }
 
@@ -52,43 +55,71 @@ void removeStalePartitions(int loopFd, unsigned number)
         kernel::removePartition(loopFd, partition);
 }
 
-// Picks a free device under the loop-control lock and configures it. Returns the
-// locked fd and the device number.
-std::pair<UniqueFd, unsigned> allocateAndConfigure(const kernel::LoopConfig& config)
+struct Configured {
+    UniqueFd holdFd; // the configuring fd, LOCK_SH
+    unsigned number = 0;
+    uint64_t diskseq = 0;
+};
+
+// Right after LOOP_CONFIGURE, on the same fd: BLKGETDISKSEQ names this attachment
+// with no window for a detach and re-attach in between. That fd (writable: a
+// read-only one makes LOOP_CONFIGURE set the device read-only) is the one loopd
+// keeps, under LOCK_SH, for as long as it owns the device: udev then never gets the
+// LOCK_EX it needs for BLKRRPART after someone's close-after-write, which on a
+// kernel without partition parsers wipes the BLKPG partitions.
+//
+// Swapping it for a read-only fd would spare a crash's close-after-write, but the
+// close of the writable fd makes udev (it watches loop devices) synthesize change
+// events for the disk and every partition in the middle of each attach, queued
+// before the partitions' own. A restart re-adds whatever partitions a crash cost
+// instead (reopenOwned).
+Configured identify(UniqueFd configuringFd, unsigned number)
+{
+    try {
+        const auto diskseq = kernel::diskseq(configuringFd.get());
+        kernel::lockFd(configuringFd.get(), LOCK_SH);
+        return {std::move(configuringFd), number, diskseq};
+    } catch (...) {
+        kernel::clear(configuringFd.get());
+        throw;
+    }
+}
+
+// Under the loop-control lock: picks a free device and configures it. nullopt
+// when someone not using the lock took that number first.
+std::optional<Configured> tryConfigure(const kernel::LoopConfig& config)
+{
+    kernel::LoopControl control;
+    unsigned number;
+    try {
+        number = control.getFree();
+    } catch (const std::system_error& e) {
+        throw Error(Errc::NoFreeDevice, std::string("no free loop device: ") + e.what());
+    }
+    auto loopFd = kernel::openLoop(number, config.readOnly);
+    // LOCK_EX keeps udev away while the device is half set up: stale partitions,
+    // and the unconfigured window of the pre-5.8 fallback.
+    kernel::lockFd(loopFd.get(), LOCK_EX);
+    if (kernel::getStatus(loopFd.get()))
+        return std::nullopt;
+    removeStalePartitions(loopFd.get(), number);
+    // Downgraded at once after (identify): udevd requeues the change event of a
+    // device it finds LOCK_EX-locked and retries only every 200 ms (udev 252),
+    // measured here as 200-400 ms per attach when the lock was held through
+    // probing and BLKPG. Under LOCK_SH udev probes the disk while loopd adds
+    // partitions; their own events follow.
+    if (!kernel::configure(loopFd.get(), config))
+        return std::nullopt;
+    return identify(std::move(loopFd), number);
+}
+
+// Picks a free device and configures it, retrying when others race for it.
+Configured allocateAndConfigure(const kernel::LoopConfig& config)
 {
     for (int attempt = 0; attempt < maxAllocationAttempts; ++attempt) {
-        unsigned number;
-        UniqueFd loopFd;
-        {
-            kernel::LoopControl control;
-            try {
-                number = control.getFree();
-            } catch (const std::system_error& e) {
-                throw Error(Errc::NoFreeDevice, std::string("no free loop device: ") + e.what());
-            }
-            loopFd = kernel::openLoop(number, config.readOnly);
-            // LOCK_EX keeps udev away while the device is half set up: stale
-            // partitions, and the unconfigured window of the pre-5.8 fallback.
-            kernel::lockFd(loopFd.get(), LOCK_EX);
-            if (!kernel::getStatus(loopFd.get())) {
-                removeStalePartitions(loopFd.get(), number);
-                if (kernel::configure(loopFd.get(), config)) {
-                    // Downgrade at once: udevd requeues the change event of a device
-                    // it finds LOCK_EX-locked and retries only every 200 ms (udev 252),
-                    // which measured here as 200-400 ms per attach when the lock was
-                    // held through probing and BLKPG. Under LOCK_SH udev probes the
-                    // disk while we add partitions; their own events follow.
-                    //
-                    // The shared lock stays for as long as loopd owns the device: udev
-                    // then never gets LOCK_EX for its BLKRRPART after a
-                    // close-after-write, which on a kernel without partition parsers
-                    // would wipe the partitions added with BLKPG.
-                    kernel::lockFd(loopFd.get(), LOCK_SH);
-                    return {std::move(loopFd), number};
-                }
-            }
-        }
-        backOff();
+        if (auto configured = tryConfigure(config))
+            return std::move(*configured);
+        backOff(); // outside the loop-control lock, so others allocate meanwhile
     }
     throw Error(Errc::NoFreeDevice, "no loop device stayed free long enough to configure it");
 }
@@ -156,21 +187,39 @@ kernel::BackingFile checkBacking(UniqueFd fd, const std::string& what, const Att
     return kernel::inspect(std::move(fd), what, options.offset);
 }
 
-Attached attach(const kernel::BackingFile& backing, const AttachOptions& options, const std::string& what)
+Attached attach(const kernel::BackingFile& backing, const AttachOptions& options, core::Record& record,
+                const RecordStore& records)
 {
-    auto [loopFd, number] = allocateAndConfigure(configOf(backing, options, what));
-    Attached attached{std::move(loopFd), DeviceInfo{}};
-    auto& info = attached.info;
-    info.number = number;
+    record.state = core::Record::State::Intent;
+    record.info.backingDevice = backing.device;
+    record.info.backingInode = backing.inode;
+    records.write(record);
+    Configured configured;
     try {
-        info.diskseq = kernel::diskseq(attached.lockFd.get());
+        configured = allocateAndConfigure(configOf(backing, options, record.fileName));
+    } catch (...) {
+        records.remove(record);
+        throw;
+    }
+    Attached attached{std::move(configured.holdFd), DeviceInfo{}};
+    auto& info = attached.info;
+    info.number = configured.number;
+    info.diskseq = configured.diskseq;
+    try {
+        const auto intent = record;
+        record.state = core::Record::State::Configured;
+        record.info = info;
+        records.write(record);
+        records.remove(intent);
         readBack(attached.lockFd.get(), backing, info);
         if (options.partscan)
             addPartitions(attached.lockFd.get(), info);
     } catch (...) {
         undo(std::move(attached.lockFd), info);
+        records.remove(record);
         throw;
     }
+    record.info = info;
     return attached;
 }
 
@@ -197,6 +246,73 @@ void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
     } catch (const std::exception& e) {
         spdlog::warn("undo of an attach failed dev={} diskseq={}: {}", kernel::loopDevNode(info.number), info.diskseq,
                      e.what());
+    }
+}
+
+namespace {
+
+// The device is still the recorded attachment: bound, same diskseq on an fd of
+// its own (no detach and re-attach can slip in between the check and the use).
+std::optional<UniqueFd> openIfStill(unsigned number, uint64_t diskseq)
+{
+    if (kernel::sysfsDiskseq(number) != diskseq || !kernel::sysfsBackingFile(number))
+        return std::nullopt;
+    auto fd = kernel::openLoop(number, true);
+    if (kernel::diskseq(fd.get()) != diskseq)
+        return std::nullopt;
+    return fd;
+}
+
+void releaseDevice(int fd, unsigned number)
+{
+    for (const auto partition : kernel::existingPartitions(number))
+        kernel::removePartition(fd, partition);
+    kernel::clear(fd);
+}
+
+} // namespace
+
+std::optional<UniqueFd> reopenOwned(const core::Record& record)
+{
+    const auto& info = record.info;
+    auto fd = openIfStill(info.number, info.diskseq);
+    if (!fd)
+        return std::nullopt;
+    const auto status = kernel::getStatus(fd->get());
+    if (!status || status->backingDevice != info.backingDevice || status->backingInode != info.backingInode)
+        return std::nullopt;
+    kernel::lockFd(fd->get(), LOCK_SH);
+    const auto present = kernel::existingPartitions(info.number);
+    if (info.partscan && present.size() < info.partitions.size())
+        for (const auto& spec : kernel::probePartitions(fd->get()))
+            kernel::addPartition(fd->get(), spec);
+    return fd;
+}
+
+void releaseRecorded(const core::Record& record)
+{
+    if (auto fd = openIfStill(record.info.number, record.info.diskseq))
+        releaseDevice(fd->get(), record.info.number);
+}
+
+void releaseIntent(const core::Record& intent, const std::set<unsigned>& skip)
+{
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator("/sys/block", ec)) {
+        const auto name = entry.path().filename().string();
+        if (name.rfind("loop", 0) != 0 || !fs::exists(entry.path() / "loop"))
+            continue;
+        const auto number = static_cast<unsigned>(std::stoul(name.substr(4)));
+        if (skip.count(number))
+            continue;
+        auto fd = kernel::openLoop(number, true);
+        const auto status = kernel::getStatus(fd.get());
+        if (status && status->backingDevice == intent.info.backingDevice &&
+            status->backingInode == intent.info.backingInode && status->fileName == intent.fileName) {
+            spdlog::info("releasing dev={} left by a crash during attach", kernel::loopDevNode(number));
+            releaseDevice(fd.get(), number);
+        }
     }
 }
 

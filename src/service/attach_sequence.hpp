@@ -2,35 +2,21 @@
 
 #include "kernel/backing_file.hpp"
 #include "kernel/partitions.hpp"
+#include "record_store.hpp"
 
 #include <loopd/attach_options.hpp>
+#include <loopd/device_info.hpp>
 #include <loopd/unique_fd.hpp>
 
 #include <cstdint>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
 // The blocking kernel sequences of attach and detach (DESIGN.md, "The attach
 // sequence"). Everything here runs on worker threads.
 namespace loopd::service {
-
-// What the kernel applied, as the Device properties report it.
-struct DeviceInfo {
-    unsigned number = 0;
-    uint64_t diskseq = 0;
-    std::string backingFile;
-    uint64_t backingDevice = 0;
-    uint64_t backingInode = 0;
-    uint64_t offset = 0;
-    uint64_t sizeLimit = 0;
-    uint64_t size = 0;
-    uint32_t sectorSize = 512;
-    bool readOnly = false;
-    bool directIo = false;
-    bool autoclear = false;
-    bool partscan = true;
-    std::vector<unsigned> partitions;
-};
 
 struct Attached {
     UniqueFd lockFd; // the configuring fd, holding LOCK_SH while loopd owns the device
@@ -44,8 +30,10 @@ kernel::BackingFile checkBacking(UniqueFd fd, const std::string& what, const Att
 
 // Allocates a loop device and configures it with the backing file, reads back its
 // diskseq and what the kernel applied, and adds the partitions of its table.
-// On failure nothing stays attached.
-Attached attach(const kernel::BackingFile& backing, const AttachOptions& options, const std::string& what);
+// Keeps `record` in the store as it goes (intent before LOOP_CONFIGURE, configured
+// once the diskseq is known). On failure nothing stays attached and no record.
+Attached attach(const kernel::BackingFile& backing, const AttachOptions& options, core::Record& record,
+                const RecordStore& records);
 
 // Removes partitions, clears the device and closes lockFd. Throws Error(Busy) and
 // leaves the device (and lockFd) as it was when a partition is in use. Returns false
@@ -55,5 +43,21 @@ bool detach(UniqueFd& lockFd, const DeviceInfo& info);
 
 // Undoes a failed attach: the same as detach, but best effort.
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
+
+// ---- after a restart (see Daemon::recover) ----
+
+// Reopens an owned device of a record if it is still that attachment (same
+// diskseq, same backing file) and locks it; re-adds partitions that someone's
+// close-after-write wiped while no loopd held the lock. nullopt if it is gone.
+std::optional<UniqueFd> reopenOwned(const core::Record& record);
+
+// Clears the device of a record that never became ready (or was being detached)
+// if it is still that attachment.
+void releaseRecorded(const core::Record& record);
+
+// Finds and clears a device a crash left between LOOP_CONFIGURE and its record:
+// bound to the intent's backing file with the intent's lo_file_name. Devices in
+// `skip` (named by other records) are not looked at.
+void releaseIntent(const core::Record& intent, const std::set<unsigned>& skip);
 
 } // namespace loopd::service

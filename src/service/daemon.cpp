@@ -100,7 +100,7 @@ Daemon::Daemon(DaemonConfig config)
     : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
       kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes), connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
-      workers_(config_.workers), signalFd_(makeSignalFd())
+      workers_(config_.workers), signalFd_(makeSignalFd()), records_(config_.runtimeDir + "/records")
 {
     busProxy_->uponSignal("NameOwnerChanged")
         .onInterface("org.freedesktop.DBus")
@@ -117,6 +117,7 @@ Daemon::Daemon(DaemonConfig config)
     loop_.setPrepare([this] { return prepare(); });
     loop_.setOnBus([] {}); // prepare() drains the bus every iteration
 
+    recover();
     udevSeen_ = uevent::udevRunning();
     if (config_.drops.any())
         spdlog::warn("test fault injection is on: udev events are dropped on purpose");
@@ -245,6 +246,94 @@ void Daemon::settle(const std::vector<core::Outcome>& outcomes)
                                                                     " was not ready within the timeout"));
         }
     }
+}
+
+// ---- after a restart ---------------------------------------------------------
+
+// Start-up, before the name is owned (so nothing else is served yet, and the
+// blocking kernel calls here delay no caller): adopt what loopd owned, clean up
+// what a crash left half done.
+void Daemon::recover()
+{
+    const auto records = records_.loadAll();
+    std::set<unsigned> named;
+    for (const auto& record : records)
+        if (record.state != core::Record::State::Intent)
+            named.insert(record.info.number);
+    for (const auto& record : records) {
+        try {
+            switch (record.state) {
+            case core::Record::State::Owned:
+                adopt(record);
+                continue;
+            case core::Record::State::Configured:
+            case core::Record::State::Detaching:
+                spdlog::info("finishing an attach or detach a restart interrupted dev={}", describe(record.info));
+                releaseRecorded(record);
+                break;
+            case core::Record::State::Intent:
+                releaseIntent(record, named);
+                break;
+            }
+        } catch (const std::exception& e) {
+            spdlog::error("recovery of dev={} failed: {}", describe(record.info), e.what());
+            // A device loopd owned but cannot adopt would be an orphan: release it.
+            if (record.state == core::Record::State::Owned)
+                try {
+                    releaseRecorded(record);
+                } catch (const std::exception& again) {
+                    spdlog::error("cannot release dev={} either: {}", describe(record.info), again.what());
+                }
+        }
+        records_.remove(record);
+    }
+}
+
+void Daemon::adopt(const core::Record& record)
+{
+    auto fd = reopenOwned(record);
+    if (!fd) {
+        spdlog::info("not adopting dev={}: released or replaced while loopd was not running", describe(record.info));
+        records_.remove(record);
+        return;
+    }
+    Device device;
+    device.info = record.info;
+    device.lockFd = std::make_shared<UniqueFd>(std::move(*fd));
+    device.options.ref = record.ref;
+    device.options.lifetime = record.lifetime;
+    device.options.autoclear = record.info.autoclear;
+    device.source = uevent::udevRunning() ? EventSource::Udev : EventSource::Kernel;
+    device.owner = record.owner;
+    device.ownerUid = record.ownerUid;
+    device.state = State::Ready;
+    device.record = record;
+    const auto diskseq = record.info.diskseq;
+    auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
+    numbers_[stored.info.number] = diskseq;
+    if (!record.ref.empty())
+        refs_.insert(record.ref);
+    linkRef(stored);
+    exportDevice(stored);
+    spdlog::info("adopted dev={} owner={}", describe(stored.info), record.owner);
+    if (record.lifetime == Lifetime::Client)
+        checkClientAlive(diskseq, record.owner);
+}
+
+// Subscribed to NameOwnerChanged first (constructor), then asked: a client that
+// leaves in between is seen either way.
+void Daemon::checkClientAlive(uint64_t diskseq, const std::string& owner)
+{
+    busProxy_->callMethodAsync("NameHasOwner")
+        .onInterface("org.freedesktop.DBus")
+        .withArguments(owner)
+        .uponReplyInvoke([this, diskseq, owner](const sdbus::Error* error, bool alive) {
+            const auto it = devices_.find(diskseq);
+            if (error || alive || it == devices_.end() || it->second.state != State::Ready)
+                return;
+            spdlog::info("client left the bus while loopd was down sender={} diskseq={}", owner, diskseq);
+            detachOwn(diskseq, "client-vanished");
+        });
 }
 
 // ---- when events lie --------------------------------------------------------
@@ -401,8 +490,16 @@ void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::
     if (!options.ref.empty())
         refs_.insert(options.ref);
     const auto deadline = now + options.timeout;
+    core::Record record;
+    record.token = makeUuid();
+    // The ref is the device's name for humans; without one, the token lets a
+    // restart recognise a device a crash left between LOOP_CONFIGURE and its record.
+    record.fileName = options.ref.empty() ? "loopd:" + record.token : options.ref;
+    record.ref = options.ref;
+    record.lifetime = options.lifetime;
+    record.owner = sender;
     attaches_.emplace(id, PendingAttach{std::move(result), sender, std::move(what), std::move(source),
-                                        std::move(options), events, deadline, 0, 0, now, false});
+                                        std::move(options), events, deadline, 0, 0, now, false, std::move(record)});
     lookupCaller(sender, [this, id](std::exception_ptr error, Caller caller) {
         auto& job = attaches_.at(id);
         if (!error && caller.uid != 0)
@@ -413,6 +510,7 @@ void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::
         if (error)
             return attachFailed(id, error);
         job.ownerUid = caller.uid;
+        job.record.ownerUid = caller.uid;
         runAttach(id, caller);
     });
 }
@@ -448,6 +546,7 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
         std::string what;
         AttachOptions options;
         kernel::Credentials credentials;
+        core::Record record;
     };
     auto work = std::make_shared<Work>();
     if (auto* path = std::get_if<std::string>(&job.source))
@@ -456,6 +555,7 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
         work->fd = UniqueFd(std::get<sdbus::UnixFd>(job.source).release());
     work->what = job.what;
     work->options = job.options;
+    work->record = job.record;
     work->credentials = kernel::Credentials{caller.uid, caller.uid, {caller.groups.begin(), caller.groups.end()}};
 
     // Worker thread: only the captured work and pure kernel calls.
@@ -463,8 +563,11 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
         try {
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
-            auto attached = std::make_shared<Attached>(attach(backing, work->options, work->what));
-            return [this, id, attached] { onAttached(id, attached); };
+            auto attached = std::make_shared<Attached>(attach(backing, work->options, work->record, records_));
+            return [this, id, attached, work] {
+                attaches_.at(id).record = work->record;
+                onAttached(id, attached);
+            };
         } catch (...) {
             return [this, id, error = std::current_exception()] { attachFailed(id, error); };
         }
@@ -482,6 +585,7 @@ void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
     device.source = job.events;
     device.owner = job.sender;
     device.ownerUid = job.ownerUid;
+    device.record = job.record;
     job.diskseq = diskseq;
     const auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
     numbers_[stored.info.number] = diskseq;
@@ -499,15 +603,11 @@ void Daemon::attachReady(core::RequestId id)
     auto& job = node.mapped();
     auto& device = devices_.at(job.diskseq);
     device.state = State::Ready;
-    try {
-        device.object = std::make_unique<DeviceObject>(
-            *connection_,
-            DeviceProperties{device.info, device.options.ref, device.ownerUid, lifetimeName(device.options.lifetime),
-                             realtimeUsec()},
-            *this);
-    } catch (const sdbus::Error& e) {
-        spdlog::error("cannot export device object diskseq={}: {}", job.diskseq, e.getMessage());
-    }
+    device.record.state = core::Record::State::Owned;
+    device.record.info = device.info;
+    device.record.readyTimestamp = realtimeUsec();
+    writeRecord(device.record);
+    exportDevice(device);
     replyReady(job.result, device);
     manager_->devicesChanged();
     spdlog::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
@@ -515,6 +615,29 @@ void Daemon::attachReady(core::RequestId id)
                  job.sender, millisSince(job.started));
     if (job.vanished && device.options.lifetime == Lifetime::Client)
         detachOwn(job.diskseq, "client-vanished");
+}
+
+void Daemon::exportDevice(Device& device)
+{
+    try {
+        device.object = std::make_unique<DeviceObject>(
+            *connection_,
+            DeviceProperties{device.info, device.options.ref, device.ownerUid, lifetimeName(device.options.lifetime),
+                             device.record.readyTimestamp},
+            *this);
+    } catch (const sdbus::Error& e) {
+        spdlog::error("cannot export device object diskseq={}: {}", device.info.diskseq, e.getMessage());
+    }
+}
+
+// Loop thread: a small file on tmpfs, written and renamed without waiting on a disk.
+void Daemon::writeRecord(const core::Record& record)
+{
+    try {
+        records_.write(record);
+    } catch (const std::exception& e) {
+        spdlog::error("cannot write the ownership record diskseq={}: {}", record.info.diskseq, e.what());
+    }
 }
 
 void Daemon::attachFailed(core::RequestId id, std::exception_ptr error)
@@ -535,11 +658,12 @@ void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why
     auto& device = devices_.at(job.diskseq);
     device.state = State::Detaching;
     const auto message = describe(device.info) + " for " + job.what + ": " + why;
-    workers_.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info] {
+    workers_.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info, record = device.record] {
         if (clear)
             undo(std::move(*fd), info);
         else
             fd->reset();
+        records_.remove(record);
         return WorkerPool::Continuation([this, id, code, message] {
             auto node = attaches_.extract(id);
             auto& job = node.mapped();
@@ -601,7 +725,9 @@ void Daemon::detachOwn(uint64_t diskseq, std::string reason)
 
 void Daemon::startDetach(core::RequestId id)
 {
-    const auto& device = devices_.at(detaches_.at(id).diskseq);
+    auto& device = devices_.at(detaches_.at(id).diskseq);
+    device.record.state = core::Record::State::Detaching;
+    writeRecord(device.record);
     workers_.submit([this, id, fd = device.lockFd, info = device.info] {
         try {
             const bool released = service::detach(*fd, info);
@@ -619,6 +745,8 @@ void Daemon::onDetachDone(core::RequestId id, std::exception_ptr error, bool rel
     auto& device = devices_.at(pending.diskseq);
     if (error) { // nothing was changed: loopd still owns the device
         device.state = State::Ready;
+        device.record.state = core::Record::State::Owned;
+        writeRecord(device.record);
         return replyDetach(id, error);
     }
     if (!released) {
@@ -661,6 +789,7 @@ void Daemon::removeDevice(uint64_t diskseq, const std::string& reason)
     numbers_.erase(device.info.number);
     unlinkRef(device);
     refs_.erase(device.options.ref);
+    records_.remove(device.record);
     device.object.reset(); // InterfacesRemoved
     manager_->emitDeviceRemoved(sdbus::ObjectPath(devicePath(diskseq)), diskseq, reason);
     manager_->devicesChanged();

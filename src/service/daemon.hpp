@@ -6,6 +6,7 @@
 #include "event_loop.hpp"
 #include "uevent/monitor.hpp"
 #include "watchdog.hpp"
+#include "record_store.hpp"
 #include "worker_pool.hpp"
 
 #include <loopd/attach_options.hpp>
@@ -56,6 +57,7 @@ private:
         std::string owner;
         uint32_t ownerUid = 0;
         State state = State::Attaching;
+        core::Record record; // as kept in the record store
         std::unique_ptr<DeviceObject> object;
         [[nodiscard]] core::Watch watch() const;
     };
@@ -71,6 +73,7 @@ private:
         uint64_t diskseq = 0; // once configured
         core::Clock::time_point started;
         bool vanished = false; // the caller left the bus meanwhile
+        core::Record record;
     };
     struct PendingDetach {
         std::optional<VoidResult> result; // none when loopd detaches on its own
@@ -87,6 +90,11 @@ private:
     void onNameOwnerChanged(const std::string& name, const std::string& newOwner);
     void onSignal();
     void housekeeping(core::Clock::time_point now);
+    void recover();
+    void adopt(const core::Record& record);
+    void checkClientAlive(uint64_t diskseq, const std::string& owner);
+    void exportDevice(Device& device);
+    void writeRecord(const core::Record& record);
     void resyncAll();
     void resync(unsigned number);
     void checkOwned(unsigned number);
@@ -128,6 +136,7 @@ private:
     UniqueFd signalFd_;
     core::Registry registry_;
     Watchdog watchdog_;
+    RecordStore records_;
 
     core::RequestId nextId_ = 1;
     std::map<uint64_t, Device> devices_; // by diskseq
