@@ -191,6 +191,11 @@ void Daemon::onSignal()
     while (::read(signalFd_.get(), &info, sizeof(info)) == sizeof(info))
         spdlog::info("signal {} received, finishing calls in progress", info.ssi_signo);
     stopping_ = true;
+    for (auto& [id, waiter] : waiters_) {
+        registry_.cancel(id);
+        waiter.first.returnError(makeDbusError(Errc::Failed, "loopd is stopping"));
+    }
+    waiters_.clear();
     std::vector<core::RequestId> configured;
     for (const auto& [id, job] : attaches_)
         if (job.diskseq != 0)
