@@ -100,6 +100,8 @@ Daemon::Daemon(DaemonConfig config)
     : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
       kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes), connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
+      polkitProxy_(
+          sdbus::createProxy(*connection_, "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority")),
       workers_(config_.workers), signalFd_(makeSignalFd()), records_(config_.runtimeDir + "/records")
 {
     busProxy_->uponSignal("NameOwnerChanged")
@@ -505,19 +507,65 @@ void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::
     record.owner = sender;
     attaches_.emplace(id, PendingAttach{std::move(result), sender, std::move(what), std::move(source),
                                         std::move(options), events, deadline, 0, 0, now, false, std::move(record)});
-    lookupCaller(sender, [this, id](std::exception_ptr error, Caller caller) {
+    const auto denied = "attaching " + attaches_.at(id).what;
+    authorize(sender, "org.loopd1.attach", denied, [this, id](std::exception_ptr error, Caller caller) {
         auto& job = attaches_.at(id);
-        if (!error && caller.uid != 0)
-            error = std::make_exception_ptr(Error(
-                Errc::AccessDenied, "attaching " + job.what + " needs root; caller uid " + std::to_string(caller.uid)));
         if (!error && stopping_)
             error = std::make_exception_ptr(Error(Errc::Failed, "loopd is stopping"));
         if (error)
             return attachFailed(id, error);
         job.ownerUid = caller.uid;
         job.record.ownerUid = caller.uid;
+        // The readiness deadline starts now: time a user spends answering polkit's
+        // password prompt is not the kernel's.
+        job.deadline = core::Clock::now() + job.options.timeout;
         runAttach(id, caller);
     });
+}
+
+void Daemon::authorize(const std::string& sender, const std::string& action, const std::string& what,
+                       std::function<void(std::exception_ptr, Caller)> then)
+{
+    lookupCaller(sender, [this, sender, action, what, then](std::exception_ptr error, Caller caller) {
+        if (error || caller.uid == 0)
+            return then(error, std::move(caller));
+        askPolkit(sender, action, [then, caller, action, what](std::exception_ptr error) {
+            if (error)
+                return then(std::make_exception_ptr(
+                                Error(Errc::AccessDenied, what + " was not authorized (polkit action " + action +
+                                                              ", uid " + std::to_string(caller.uid) + ")")),
+                            caller);
+            then(nullptr, caller);
+        });
+    });
+}
+
+// polkit's CheckAuthorization for the calling connection (subject
+// "system-bus-name": polkit resolves the name itself, so no PID is trusted), with
+// user interaction allowed so an agent may ask for a password. Asynchronous: the
+// answer may take as long as the user does. `then` gets nullptr when authorized.
+void Daemon::askPolkit(const std::string& sender, const std::string& action,
+                       std::function<void(std::exception_ptr)> then)
+{
+    using Subject = sdbus::Struct<std::string, std::map<std::string, sdbus::Variant>>;
+    using Answer = sdbus::Struct<bool, bool, std::map<std::string, std::string>>;
+    constexpr uint32_t allowUserInteraction = 1;
+    try {
+        polkitProxy_->callMethodAsync("CheckAuthorization")
+            .onInterface("org.freedesktop.PolicyKit1.Authority")
+            .withTimeout(std::chrono::minutes(5))
+            .withArguments(Subject{"system-bus-name", {{"name", sdbus::Variant(sender)}}}, action,
+                           std::map<std::string, std::string>{}, allowUserInteraction, std::string{})
+            .uponReplyInvoke([then, action, sender](const sdbus::Error* error, Answer answer) {
+                if (error)
+                    spdlog::warn("polkit could not be asked action={} sender={}: {}", action, sender,
+                                 error->getMessage());
+                const bool authorized = !error && std::get<0>(answer);
+                then(authorized ? nullptr : std::make_exception_ptr(Error(Errc::AccessDenied, "not authorized")));
+            });
+    } catch (...) {
+        then(std::current_exception());
+    }
 }
 
 void Daemon::lookupCaller(const std::string& sender, std::function<void(std::exception_ptr, Caller)> then)
@@ -706,16 +754,25 @@ void Daemon::detach(VoidResult&& result, const std::string& sender, uint64_t dis
     device.state = State::Detaching;
     const auto id = nextId_++;
     detaches_.emplace(id, PendingDetach{std::move(result), diskseq, "detached"});
-    lookupCaller(sender, [this, id, sender](std::exception_ptr error, Caller caller) {
+    auto finish = [this, id, sender](std::exception_ptr error) {
         auto& device = devices_.at(detaches_.at(id).diskseq);
-        if (!error && caller.uid != 0 && caller.uid != device.ownerUid)
-            error = std::make_exception_ptr(Error(Errc::AccessDenied, describe(device.info) + " belongs to uid " +
-                                                                          std::to_string(device.ownerUid)));
         if (!error)
             return startDetach(id);
         device.state = State::Ready;
         spdlog::warn("detach refused diskseq={} sender={}", device.info.diskseq, sender);
         replyDetach(id, error);
+    };
+    lookupCaller(sender, [this, id, sender, finish](std::exception_ptr error, Caller caller) {
+        const auto& device = devices_.at(detaches_.at(id).diskseq);
+        if (error || caller.uid == 0 || caller.uid == device.ownerUid)
+            return finish(error);
+        // Someone else's device: only with polkit's detach-others.
+        const auto denied = Error(Errc::AccessDenied, describe(device.info) + " belongs to uid " +
+                                                          std::to_string(device.ownerUid) + ", not to uid " +
+                                                          std::to_string(caller.uid));
+        askPolkit(sender, "org.loopd1.detach-others", [finish, denied](std::exception_ptr refused) {
+            finish(refused ? std::make_exception_ptr(denied) : nullptr);
+        });
     });
 }
 

@@ -106,6 +106,9 @@ private:
     void startAttach(AttachResult&& result, const std::string& sender, std::string what,
                      std::variant<std::string, sdbus::UnixFd> source, const core::OptionMap& options);
     void lookupCaller(const std::string& sender, std::function<void(std::exception_ptr, Caller)> then);
+    void authorize(const std::string& sender, const std::string& action, const std::string& what,
+                   std::function<void(std::exception_ptr, Caller)> then);
+    void askPolkit(const std::string& sender, const std::string& action, std::function<void(std::exception_ptr)> then);
     void runAttach(core::RequestId id, const Caller& caller);
     void onAttached(core::RequestId id, std::shared_ptr<Attached> attached);
     void attachReady(core::RequestId id);
@@ -130,6 +133,7 @@ private:
     uevent::Monitor kernelMonitor_;
     std::unique_ptr<sdbus::IConnection> connection_;
     std::unique_ptr<sdbus::IProxy> busProxy_;
+    std::unique_ptr<sdbus::IProxy> polkitProxy_;
     std::unique_ptr<ManagerObject> manager_;
     WorkerPool workers_;
     EventLoop loop_;

@@ -14,8 +14,9 @@ exits 77 (meson: skipped) otherwise.
 
 Environment: LOOPD (daemon binary), LOOPCTL (CLI binary), LOOPD_SRC (source root).
 Without them, paths default to the source tree this file is in and its build/ dir.
-For runs by hand: LOOPD_ARGS (extra daemon options), LOOPD_TEST_KEEP=1 (keep the
-temp dir), LOOPD_TEST_TRACEBACK=1 (tracebacks for assertion failures too).
+For runs by hand: LOOPD_ARGS (extra daemon options), LOOPD_LOG_LEVEL (default
+debug), LOOPD_TEST_KEEP=1 (keep the temp dir), LOOPD_TEST_TRACEBACK=1 (tracebacks
+for assertion failures too).
 Test names given as arguments select a subset.
 """
 
@@ -654,7 +655,8 @@ class Env:
         self.loopd_log = os.path.join(self.tmp, "loopd.log")
         # Records and by-ref links in this test's temp dir: a loopd running for real
         # on this machine, or a previous test, can neither adopt nor be adopted.
-        args = ["--runtime-dir", os.path.join(self.tmp, "run"), "--log-level", os.environ.get("LOOPD_LOG_LEVEL", "debug")]
+        args = ["--runtime-dir", os.path.join(self.tmp, "run"),
+                "--log-level", os.environ.get("LOOPD_LOG_LEVEL", "debug")]
         with open(self.loopd_log, "w") as log:
             self.loopd = subprocess.Popen([LOOPD, *args, *self.loopd_args], stdout=log,
                                           stderr=subprocess.STDOUT)
@@ -668,6 +670,11 @@ class Env:
                 assert time.monotonic() < deadline, \
                     f"loopd did not own {BUS_NAME} within {DAEMON_START_LIMIT} s"
                 time.sleep(0.02)
+            # The checks here look for udev's work; they only mean something if
+            # loopd waits for udev too.
+            source = conn.call_blocking(BUS_NAME, MANAGER_PATH, "org.freedesktop.DBus.Properties",
+                                        "Get", "ss", [MANAGER_IFACE, "ReadinessSource"])
+            assert source == "udev", f"loopd's ReadinessSource is {source!r} with udevd running"
         finally:
             conn.close()
 
@@ -691,6 +698,9 @@ class Env:
 
     def __exit__(self, exc_type, exc, tb):
         problems = []
+        if self.loopd is not None and not udevd_running():
+            # Explains failed udev checks: someone stopped udevd under the test.
+            problems.append("no udevd was running at the end of the test")
         if self.loopd is not None:
             if self.loopd.poll() is not None:
                 problems.append(f"loopd exited by itself with status {self.loopd.returncode}")
@@ -749,7 +759,9 @@ class Parallel:
     def __init__(self, n, fn):
         self.results = [None] * n
         self.errors = [None] * n
-        threads = [threading.Thread(target=self._one, args=(fn, i)) for i in range(n)]
+        # Daemon threads: a SIGTERM (meson's timeout) must not wait for them.
+        threads = [threading.Thread(target=self._one, args=(fn, i), daemon=True)
+                   for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
@@ -769,6 +781,17 @@ class Parallel:
             raise AssertionError(f"client {i}: {e}{others}") from e
 
 
+_terminated = False
+
+
+def _on_sigterm(signum, frame):
+    """meson kills a test that runs too long with SIGTERM: unwind through Env's
+    __exit__ so loopd, dbus-daemon and udevd stop and leaked devices are removed."""
+    global _terminated
+    _terminated = True
+    raise SystemExit(128 + signum)
+
+
 def main(module_globals):
     """Runs the module's test_* functions in definition order, each in a fresh Env.
     argv may name a subset. Exits 0, 1 (a failure) or 77 (skipped: not root)."""
@@ -782,6 +805,7 @@ def main(module_globals):
     tests = [(n, f) for n, f in module_globals.items() if n.startswith("test_") and callable(f)]
     if len(sys.argv) > 1:
         tests = [(n, f) for n, f in tests if n in sys.argv[1:]]
+    signal.signal(signal.SIGTERM, _on_sigterm)
     failed = 0
     for name, fn in tests:
         started = time.monotonic()
@@ -798,5 +822,8 @@ def main(module_globals):
         else:
             print(f"PASS {name} ({time.monotonic() - started:.2f} s)")
         sys.stdout.flush()
+        if _terminated:
+            print("# terminated by SIGTERM")
+            sys.exit(1)
     print(f"# {len(tests) - failed}/{len(tests)} passed")
     sys.exit(1 if failed else 0)
