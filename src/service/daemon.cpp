@@ -7,6 +7,7 @@
 
 #include <loopd/error.hpp>
 
+#include <pwd.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -74,6 +75,19 @@ std::optional<std::string> fdPath(int fd)
     if (ec || path.empty() || path.native().front() != '/')
         return std::nullopt;
     return path.string();
+}
+
+// The bus tells a caller's uid and groups, not its gid: take the user's primary
+// group from the user database. Worker thread: NSS lookups may block.
+gid_t primaryGroup(uid_t uid)
+{
+    std::vector<char> buffer(16384);
+    passwd entry{};
+    passwd* found = nullptr;
+    if (::getpwuid_r(uid, &entry, buffer.data(), buffer.size(), &found) == 0 && found)
+        return found->pw_gid;
+    // No such user in the database: no group it could claim beyond its uid's.
+    return static_cast<gid_t>(uid);
 }
 
 UniqueFd makeSignalFd()
@@ -609,11 +623,13 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
     work->what = job.what;
     work->options = job.options;
     work->record = job.record;
-    work->credentials = kernel::Credentials{caller.uid, caller.uid, {caller.groups.begin(), caller.groups.end()}};
+    work->credentials = kernel::Credentials{caller.uid, 0, {caller.groups.begin(), caller.groups.end()}};
 
     // Worker thread: only the captured work and pure kernel calls.
     workers_.submit([this, id, work]() -> WorkerPool::Continuation {
         try {
+            if (work->credentials.uid != 0)
+                work->credentials.gid = primaryGroup(work->credentials.uid);
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
             auto attached = std::make_shared<Attached>(attach(backing, work->options, work->record, records_));
