@@ -86,8 +86,8 @@ gid_t primaryGroup(uid_t uid)
     passwd* found = nullptr;
     if (::getpwuid_r(uid, &entry, buffer.data(), buffer.size(), &found) == 0 && found)
         return found->pw_gid;
-    // No such user in the database: no group it could claim beyond its uid's.
-    return static_cast<gid_t>(uid);
+    // Not in the user database: the overflow group, which grants nothing.
+    return 65534;
 }
 
 UniqueFd makeSignalFd()
