@@ -18,65 +18,19 @@ namespace {
     throw std::system_error(err, std::generic_category(), what);
 }
 
-UeventAction parseAction(const char* action)
+uint64_t diskseqOf(udev_device* device)
 {
-    const std::string_view a = action ? action : "";
-    if (a == "add")
-        return UeventAction::Add;
-    if (a == "change")
-        return UeventAction::Change;
-    if (a == "remove")
-        return UeventAction::Remove;
-    return UeventAction::Other;
-}
-
-uint64_t propertyNumber(udev_device* device, const char* key)
-{
-    const char* value = udev_device_get_property_value(device, key);
-    return value ? std::strtoull(value, nullptr, 10) : 0;
+    return parseDiskseq(udev_device_get_property_value(device, "DISKSEQ"));
 }
 
 std::optional<Uevent> toUevent(udev_device* device, EventSource source)
 {
-    const auto name = parseLoopName(udev_device_get_sysname(device));
-    if (!name)
-        return std::nullopt;
-    Uevent event;
-    event.source = source;
-    event.action = parseAction(udev_device_get_action(device));
-    event.number = name->first;
-    event.partition = name->second;
-    event.diskseq = propertyNumber(device, "DISKSEQ");
-    if (const char* uuid = udev_device_get_property_value(device, "SYNTH_UUID"))
-        event.synthUuid = uuid;
-    return event;
+    return makeUevent(source, udev_device_get_action(device), udev_device_get_sysname(device),
+                      udev_device_get_property_value(device, "DISKSEQ"),
+                      udev_device_get_property_value(device, "SYNTH_UUID"));
 }
 
 } // namespace
-
-std::optional<std::pair<unsigned, unsigned>> parseLoopName(const char* sysname)
-{
-    if (!sysname || std::strncmp(sysname, "loop", 4) != 0)
-        return std::nullopt;
-    const char* p = sysname + 4;
-    auto digits = [](const char*& q, unsigned& out) {
-        if (*q < '0' || *q > '9')
-            return false;
-        unsigned long v = 0;
-        while (*q >= '0' && *q <= '9' && v < 100'000'000)
-            v = v * 10 + static_cast<unsigned>(*q++ - '0');
-        out = static_cast<unsigned>(v);
-        return true;
-    };
-    unsigned number = 0, partition = 0;
-    if (!digits(p, number))
-        return std::nullopt;
-    if (*p == 'p' && !digits(++p, partition))
-        return std::nullopt;
-    if (*p != '\0')
-        return std::nullopt;
-    return std::pair{number, partition};
-}
 
 bool udevRunning()
 {
@@ -142,7 +96,7 @@ std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number)
                 continue;
             const auto name = parseLoopName(udev_device_get_sysname(device));
             if (name && name->first == number)
-                entries[name->second] = UdevEntry{propertyNumber(device, "DISKSEQ"),
+                entries[name->second] = UdevEntry{diskseqOf(device),
                                                   udev_device_get_is_initialized(device) > 0 &&
                                                       !udev_device_get_property_value(device, "ID_PROCESSING")};
             udev_device_unref(device);

@@ -1,5 +1,7 @@
 #pragma once
 
+#include "message.hpp" // parseLoopName
+
 #include <loopd/uevent.hpp>
 
 #include <map>
@@ -68,9 +70,6 @@ struct UdevEntry {
 // loopN (partition 0) and its partitions that have a udev database entry, read
 // from /run/udev/data: for re-enumeration after lost events.
 std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number);
-
-// Parses "loopN" / "loopNpK" into (N, K); nullopt for other devices.
-std::optional<std::pair<unsigned, unsigned>> parseLoopName(const char* sysname);
 
 // Whether a udevd is running and processing events (its control socket exists).
 bool udevRunning();
