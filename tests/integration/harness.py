@@ -51,6 +51,13 @@ def _built(*candidates):
 LOOPD = os.environ.get("LOOPD") or _built("src/service/loopd", "loopd")
 LOOPCTL = os.environ.get("LOOPCTL") or _built("src/cli/loopctl", "loopctl")
 POLICY_FILE = os.path.join(LOOPD_SRC, "dbus/org.loopd1.conf")
+POLKIT_ACTIONS_FILE = os.path.join(LOOPD_SRC, "dbus/org.loopd1.policy")
+# Env(polkit=True): Debian's polkitd, its bus policy, and where it reads actions and rules.
+POLKITD = "/usr/lib/polkit-1/polkitd"
+POLKIT_BUS_POLICY = "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf"
+POLKIT_ACTIONS_DIR = "/usr/share/polkit-1/actions"
+POLKIT_RULES_DIR = "/etc/polkit-1/rules.d"
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
 UDEVD = "/lib/systemd/systemd-udevd"
 
 BUS_NAME = "org.loopd1"
@@ -560,7 +567,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
     <allow send_destination="org.freedesktop.DBus"
            send_interface="org.freedesktop.DBus.Monitoring"/>
   </policy>
-  <include>{policy}</include>
+  <include>{policy}</include>{extra_includes}
 </busconfig>
 """
 
@@ -597,8 +604,18 @@ class Env:
     if loopd died or misbehaved on SIGTERM, or if any loop device backed by the temp
     dir is left (after removing it)."""
 
-    def __init__(self, loopd_args=()):
+    def __init__(self, loopd_args=(), polkit=False, polkit_rules=None):
+        """polkit=True also runs Debian's polkitd on the private bus: its bus policy
+        is included, dbus/org.loopd1.policy goes to polkit's actions directory and
+        `polkit_rules` (JavaScript, if given) to /etc/polkit-1/rules.d for the
+        duration, under names of this process's own, and both are removed again at
+        exit. The temp dir becomes searchable (0711) so that polkitd, which drops
+        to the polkitd user, and test users can reach the bus socket."""
         self.loopd_args = list(loopd_args)
+        self.polkit = polkit
+        self.polkit_rules = polkit_rules
+        self.polkitd = None
+        self.installed = []  # files put outside the temp dir, removed at exit
         self.tmp = None
         self.bus = None
         self.loopd = None
@@ -613,7 +630,12 @@ class Env:
         # Stale partitions someone else left are theirs; only new ones are ours.
         self.stale_before = unbound_loop_devices_with_partitions()
         try:
+            if self.polkit:
+                os.chmod(self.tmp, 0o711)
+                self._install_polkit_files()
             self._start_bus()
+            if self.polkit:
+                self._start_polkitd()
             self._start_udevd()
             self._start_loopd()
         except BaseException:
@@ -625,7 +647,8 @@ class Env:
         socket = os.path.join(self.tmp, "bus")
         config = os.path.join(self.tmp, "bus.conf")
         with open(config, "w") as f:
-            f.write(BUS_CONFIG.format(socket=socket, policy=POLICY_FILE))
+            extra = f"\n  <include>{POLKIT_BUS_POLICY}</include>" if self.polkit else ""
+            f.write(BUS_CONFIG.format(socket=socket, policy=POLICY_FILE, extra_includes=extra))
         with open(os.path.join(self.tmp, "dbus-daemon.log"), "w") as log:
             self.bus = subprocess.Popen(
                 ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
@@ -635,6 +658,40 @@ class Env:
         assert address, f"dbus-daemon did not start: {read_text(log.name)}"
         # loopd and loopctl (sd-bus), busctl and python3-dbus all honour this.
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = f"unix:path={socket}"
+
+    def _install_polkit_files(self):
+        # Own names (pid and temp dir): concurrent runs never remove each other's
+        # files, and a real installation's org.loopd1.policy is never touched.
+        tag = f"loopd-test-{os.getpid()}-{os.path.basename(self.tmp)}"
+        files = [(POLKIT_ACTIONS_FILE, os.path.join(POLKIT_ACTIONS_DIR, f"org.loopd1.{tag}.policy"))]
+        if self.polkit_rules is not None:
+            rules = os.path.join(self.tmp, "test.rules")
+            with open(rules, "w") as f:
+                f.write(self.polkit_rules)
+            files.append((rules, os.path.join(POLKIT_RULES_DIR, f"10-{tag}.rules")))
+        for source, target in files:
+            self.installed.append(target)  # before the copy: removed even if it fails half-way
+            shutil.copyfile(source, target)
+            os.chmod(target, 0o644)
+
+    def _start_polkitd(self):
+        # polkitd honours DBUS_SYSTEM_BUS_ADDRESS and drops to the polkitd user itself.
+        self.polkitd_log = open(os.path.join(self.tmp, "polkitd.log"), "w")
+        self.polkitd = subprocess.Popen([POLKITD], stdout=self.polkitd_log,
+                                        stderr=subprocess.STDOUT)
+        # polkitd's start-up: it loads actions and rules before it asks for its name.
+        conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
+        try:
+            deadline = time.monotonic() + DAEMON_START_LIMIT
+            while not conn.name_has_owner(POLKIT_NAME):
+                assert self.polkitd.poll() is None, \
+                    f"polkitd exited with status {self.polkitd.returncode}: " \
+                    f"{read_text(self.polkitd_log.name)}"
+                assert time.monotonic() < deadline, \
+                    f"polkitd did not own {POLKIT_NAME} within {DAEMON_START_LIMIT} s"
+                time.sleep(0.02)
+        finally:
+            conn.close()
 
     def _start_udevd(self):
         if udevd_running():
@@ -712,6 +769,18 @@ class Env:
                     problems.append(f"loopd exited with status {status} on SIGTERM")
         if (exc_type is not None or problems) and self.loopd is not None:
             self._print_log()
+        if (exc_type is not None or problems) and self.polkitd is not None:
+            self._print_log(self.polkitd_log.name, "polkitd")
+        if self.polkitd is not None:
+            _stop_child(self.polkitd)
+            self.polkitd_log.close()
+        for path in self.installed:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                problems.append(f"cannot remove {path}: {e}")
         if self.bus is not None:
             _stop_child(self.bus)
             self.bus.stdout.close()
@@ -735,15 +804,15 @@ class Env:
             raise AssertionError("; ".join(problems))
         return False
 
-    def _print_log(self):
+    def _print_log(self, path=None, name="loopd"):
         try:
-            text = read_text(self.loopd_log)
+            text = read_text(path or self.loopd_log)
         except OSError:
             return
-        print("# ---- loopd log ----")
+        print(f"# ---- {name} log ----")
         for line in text.splitlines():
             print("# " + line)
-        print("# ---- end of loopd log ----")
+        print(f"# ---- end of {name} log ----")
 
     def _stop_udevd(self):
         _stop_child(self.udevd)
@@ -792,9 +861,10 @@ def _on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def main(module_globals):
-    """Runs the module's test_* functions in definition order, each in a fresh Env.
-    argv may name a subset. Exits 0, 1 (a failure) or 77 (skipped: not root)."""
+def main(module_globals, **env_options):
+    """Runs the module's test_* functions in definition order, each in a fresh Env
+    (made with env_options, e.g. polkit=True). argv may name a subset. Exits 0, 1 (a
+    failure) or 77 (skipped: not root)."""
     if os.geteuid() != 0:
         print("SKIP: loopd integration tests need root")
         sys.exit(77)
@@ -812,7 +882,7 @@ def main(module_globals):
         try:
             # LOOPD_ARGS: extra daemon options for a run by hand, e.g. a tiny
             # --receive-buffer to make the kernel drop uevents.
-            with Env(os.environ.get("LOOPD_ARGS", "").split()) as env:
+            with Env(os.environ.get("LOOPD_ARGS", "").split(), **env_options) as env:
                 fn(env)
         except Exception as e:
             failed += 1
