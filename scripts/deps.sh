@@ -5,6 +5,9 @@ packages=(
   libspdlog-dev catch2 libcli11-dev nlohmann-json3-dev
   dbus udev fdisk util-linux python3 python3-dbus polkitd
 )
+# Only scripts/test and scripts/fuzz need these (libFuzzer's runtime is in
+# libclang-rt-14-dev); they add them to packages before install_missing.
+fuzz_packages=(clang libclang-rt-14-dev)
 
 install_missing() {
   local missing=()
@@ -23,4 +26,21 @@ build() {
     meson setup "$top/build" "$top"
   fi
   ninja -C "$top/build"
+}
+
+# libFuzzer targets (tests/fuzz): clang only, in a build dir of their own; the
+# default build above stays g++.
+build_fuzzers() {
+  if [ ! -f "$top/build-fuzz/build.ninja" ]; then
+    CXX=clang++ meson setup "$top/build-fuzz" "$top" -Dfuzzing=true
+  fi
+  ninja -C "$top/build-fuzz" fuzzers
+}
+
+# The whole project with ASan+UBSan (gcc), for the sanitizer pass of scripts/test.
+build_asan() {
+  if [ ! -f "$top/build-asan/build.ninja" ]; then
+    meson setup "$top/build-asan" "$top" -Db_sanitize=address,undefined -Db_lundef=false
+  fi
+  ninja -C "$top/build-asan"
 }
