@@ -7,7 +7,6 @@
 
 #include <loopd/error.hpp>
 
-#include <pwd.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -31,10 +30,10 @@ constexpr auto releaseTimeout = 10s;
 // again (kernels 5.19-6.14 drop some loop uevents; sockets drop them under load).
 // Readiness takes ~10 ms here, so a second means something was lost.
 constexpr auto nudgeAfter = 1s;
-// How often owned devices are checked for a foreign `losetup -d` (it only sets
-// autoclear, and sends no event while loopd holds the device open) and udevd for
-// life. The API promises DeviceRemoved within a second.
-constexpr auto housekeepingInterval = 250ms;
+// How often udevd is checked for life, and owned devices for a foreign
+// `losetup -d` that the node watch missed (LOOP_CLR_FD through an fd opened long
+// before). The API promises DeviceRemoved within a second.
+constexpr auto housekeepingInterval = 1s;
 
 // A random RFC 4122 version 4 UUID, for SYNTH_UUID.
 std::string makeUuid()
@@ -77,19 +76,6 @@ std::optional<std::string> fdPath(int fd)
     return path.string();
 }
 
-// The bus tells a caller's uid and groups, not its gid: take the user's primary
-// group from the user database. Worker thread: NSS lookups may block.
-gid_t primaryGroup(uid_t uid)
-{
-    std::vector<char> buffer(16384);
-    passwd entry{};
-    passwd* found = nullptr;
-    if (::getpwuid_r(uid, &entry, buffer.data(), buffer.size(), &found) == 0 && found)
-        return found->pw_gid;
-    // Not in the user database: the overflow group, which grants nothing.
-    return 65534;
-}
-
 UniqueFd makeSignalFd()
 {
     sigset_t mask;
@@ -130,6 +116,10 @@ Daemon::Daemon(DaemonConfig config)
     loop_.watch(kernelMonitor_.fd(), [this] { onUevents(kernelMonitor_); });
     loop_.watch(workers_.fd(), [this] { workers_.runContinuations(); });
     loop_.watch(signalFd_.get(), [this] { onSignal(); });
+    loop_.watch(nodeWatch_.fd(), [this] {
+        for (const auto number : nodeWatch_.closed())
+            checkReleased(number);
+    });
     loop_.setPrepare([this] { return prepare(); });
     loop_.setOnBus([] {}); // prepare() drains the bus every iteration
 
@@ -336,6 +326,7 @@ void Daemon::adopt(const core::Record& record)
         refs_.insert(record.ref);
     linkRef(stored);
     exportDevice(stored);
+    watchNode(stored);
     spdlog::info("adopted dev={} owner={}", describe(stored.info), record.owner);
     if (record.lifetime == Lifetime::Client)
         checkClientAlive(diskseq, record.owner);
@@ -433,13 +424,33 @@ void Daemon::housekeeping(core::Clock::time_point now)
         spdlog::warn("udevd {}; readiness source is now {}", udev ? "is back" : "stopped", readinessSource());
         manager_->readinessSourceChanged();
     }
-    std::vector<uint64_t> released;
-    for (const auto& [diskseq, device] : devices_)
-        if (device.state == State::Ready && !device.options.autoclear &&
-            kernel::sysfsAutoclear(device.info.number).value_or(true))
-            released.push_back(diskseq);
-    for (const auto diskseq : released)
-        foreignDetach(diskseq);
+    std::vector<unsigned> owned;
+    for (const auto& [number, diskseq] : numbers_)
+        owned.push_back(number);
+    for (const auto number : owned)
+        checkReleased(number);
+}
+
+// `losetup -d` on a device loopd holds open only sets autoclear: someone asked
+// for it to go.
+void Daemon::checkReleased(unsigned number)
+{
+    const auto it = numbers_.find(number);
+    if (it == numbers_.end())
+        return;
+    const auto& device = devices_.at(it->second);
+    if (device.state == State::Ready && !device.options.autoclear &&
+        kernel::sysfsAutoclear(number).value_or(true))
+        foreignDetach(device.info.diskseq);
+}
+
+void Daemon::watchNode(const Device& device)
+{
+    try {
+        nodeWatch_.add(device.info.number);
+    } catch (const std::exception& e) {
+        spdlog::warn("foreign detach of dev={} is noticed by polling only: {}", describe(device.info), e.what());
+    }
 }
 
 // Asks the kernel to resend the events an attach still misses (worker: sysfs
@@ -623,13 +634,15 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
     work->what = job.what;
     work->options = job.options;
     work->record = job.record;
-    work->credentials = kernel::Credentials{caller.uid, 0, {caller.groups.begin(), caller.groups.end()}};
+    // The groups of the calling process as the bus saw them (its gid among them):
+    // fsgid is one of them and the rest are supplementary, so access checks see
+    // exactly the process's groups. None known: the overflow group, granting nothing.
+    work->credentials = kernel::Credentials{caller.uid, caller.groups.empty() ? 65534 : caller.groups.front(),
+                                            {caller.groups.begin(), caller.groups.end()}};
 
     // Worker thread: only the captured work and pure kernel calls.
     workers_.submit([this, id, work]() -> WorkerPool::Continuation {
         try {
-            if (work->credentials.uid != 0)
-                work->credentials.gid = primaryGroup(work->credentials.uid);
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
             auto attached = std::make_shared<Attached>(attach(backing, work->options, work->record, records_));
@@ -677,6 +690,7 @@ void Daemon::attachReady(core::RequestId id)
     device.record.readyTimestamp = realtimeUsec();
     writeRecord(device.record);
     exportDevice(device);
+    watchNode(device);
     replyReady(job.result, device);
     manager_->devicesChanged();
     spdlog::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
@@ -830,8 +844,9 @@ void Daemon::onDetachDone(core::RequestId id, std::exception_ptr error, bool rel
     if (!released) {
         const auto message = describe(device.info) + " is still open elsewhere; the kernel releases it at its last "
                                                      "close (autoclear is set)";
-        removeDevice(pending.diskseq, "autoclear");
-        return replyDetach(id, std::make_exception_ptr(Error(Errc::Busy, message)));
+        const auto diskseq = pending.diskseq;
+        replyDetach(id, std::make_exception_ptr(Error(Errc::Busy, message)));
+        return removeDevice(diskseq, "autoclear");
     }
     settle(registry_.expect(id, core::Goal::Released, device.watch(), core::Clock::now() + releaseTimeout));
 }
@@ -840,12 +855,14 @@ void Daemon::detachConfirmed(core::RequestId id, bool timedOut)
 {
     auto& pending = detaches_.at(id);
     const auto diskseq = pending.diskseq;
+    const auto reason = pending.reason;
     const auto dev = describe(devices_.at(diskseq).info);
-    removeDevice(diskseq, pending.reason);
-    spdlog::info("detached dev={} reason={}{}", dev, pending.reason, timedOut ? " (remove events missing)" : "");
+    spdlog::info("detached dev={} reason={}{}", dev, reason, timedOut ? " (remove events missing)" : "");
+    // Reply first: a Device.Detach call's reply needs its object still registered.
     replyDetach(id, timedOut ? std::make_exception_ptr(Error(Errc::Timeout, dev + " was released, but udev did not "
                                                                                   "confirm the removal in time"))
                              : nullptr);
+    removeDevice(diskseq, reason);
 }
 
 void Daemon::replyDetach(core::RequestId id, std::exception_ptr error)
@@ -865,6 +882,7 @@ void Daemon::removeDevice(uint64_t diskseq, const std::string& reason)
     auto node = devices_.extract(diskseq);
     auto& device = node.mapped();
     numbers_.erase(device.info.number);
+    nodeWatch_.remove(device.info.number);
     unlinkRef(device);
     refs_.erase(device.options.ref);
     records_.remove(device.record);

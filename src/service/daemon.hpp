@@ -3,6 +3,7 @@
 #include "attach_sequence.hpp"
 #include "bus_objects.hpp"
 #include "core/registry.hpp"
+#include "kernel/node_watch.hpp"
 #include "event_loop.hpp"
 #include "uevent/monitor.hpp"
 #include "watchdog.hpp"
@@ -98,6 +99,8 @@ private:
     void resyncAll();
     void resync(unsigned number);
     void checkOwned(unsigned number);
+    void checkReleased(unsigned number);
+    void watchNode(const Device& device);
     void foreignDetach(uint64_t diskseq);
     void nudge(const core::Nudge& nudge);
     EventSource eventSourceFor(ReadinessMode mode) const;
@@ -141,6 +144,7 @@ private:
     core::Registry registry_;
     Watchdog watchdog_;
     RecordStore records_;
+    kernel::NodeWatch nodeWatch_;
 
     core::RequestId nextId_ = 1;
     std::map<uint64_t, Device> devices_; // by diskseq

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cerrno>
+#include <spdlog/spdlog.h>
 #include <system_error>
 
 namespace loopd::service {
@@ -65,10 +66,16 @@ void EventLoop::run()
         }
         for (int i = 0; i < n; ++i) {
             const int fd = events[static_cast<std::size_t>(i)].data.fd;
-            if (fd == busFd_)
-                onBus_();
-            else if (const auto it = handlers_.find(fd); it != handlers_.end())
-                it->second();
+            // A handler's failure (a reply the bus refused, a sysfs read that went
+            // wrong) is logged where it happened or here; the daemon serves on.
+            try {
+                if (fd == busFd_)
+                    onBus_();
+                else if (const auto it = handlers_.find(fd); it != handlers_.end())
+                    it->second();
+            } catch (const std::exception& e) {
+                spdlog::error("event handler failed: {}", e.what());
+            }
         }
     }
 }

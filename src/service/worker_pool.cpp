@@ -4,6 +4,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <spdlog/spdlog.h>
 #include <system_error>
 
 namespace loopd::service {
@@ -46,8 +47,15 @@ void WorkerPool::runContinuations()
         std::lock_guard lock(mutex_);
         ready.swap(done_);
     }
-    for (auto& continuation : ready)
-        continuation();
+    for (auto& continuation : ready) {
+        // One failed continuation (a reply the bus refused) must not stop the rest
+        // or the daemon.
+        try {
+            continuation();
+        } catch (const std::exception& e) {
+            spdlog::error("completion failed: {}", e.what());
+        }
+    }
 }
 
 // Worker thread.
