@@ -698,7 +698,7 @@ class Env:
             return  # someone else's udevd: use it, never stop it
         # In the foreground, as our child: its PID is ours to stop, and no zombie of a
         # --daemon fork (nothing reaps orphans here) can be mistaken for a live udevd.
-        self.udevd_log = open(os.path.join(self.tmp, "udevd.log"), "w")
+        self.udevd_log = open(os.path.join(self.tmp, "udevd.log"), "a")  # "a": restarts
         self.udevd = subprocess.Popen([UDEVD], stdout=self.udevd_log, stderr=subprocess.STDOUT)
         self.udevd_pid = self.udevd.pid
         # udevd's start-up (not an attach): poll until it answers on its socket.
@@ -714,7 +714,7 @@ class Env:
         # on this machine, or a previous test, can neither adopt nor be adopted.
         args = ["--runtime-dir", os.path.join(self.tmp, "run"),
                 "--log-level", os.environ.get("LOOPD_LOG_LEVEL", "debug")]
-        with open(self.loopd_log, "w") as log:
+        with open(self.loopd_log, "a") as log:  # "a": restart_loopd() keeps the old log
             self.loopd = subprocess.Popen([LOOPD, *args, *self.loopd_args], stdout=log,
                                           stderr=subprocess.STDOUT)
         # The one readiness poll: the daemon's start-up, not an attach.
@@ -750,6 +750,37 @@ class Env:
 
     def assert_loopd_alive(self):
         assert self.loopd.poll() is None, f"loopd died with status {self.loopd.returncode}"
+
+    def restart_loopd(self, kill=True, loopd_args=None):
+        """Stops loopd (SIGKILL if kill, else SIGTERM, on which it must exit cleanly)
+        and starts it again on the same bus with the same runtime dir, so that it
+        finds its ownership records. loopd_args, if given, replaces the extra options
+        for this and later starts."""
+        self.assert_loopd_alive()
+        if kill:
+            self.loopd.kill()
+            self.loopd.wait()
+        else:
+            status, killed = _stop_child(self.loopd)
+            assert not killed, "loopd did not exit within 10 s of SIGTERM"
+            assert status == 0, f"loopd exited with status {status} on SIGTERM"
+        if loopd_args is not None:
+            self.loopd_args = list(loopd_args)
+        self._start_loopd()
+
+    @property
+    def owns_udevd(self):
+        """Whether this Env started udevd (only then may a test stop it)."""
+        return self.udevd_pid is not None
+
+    def stop_udevd(self):
+        assert self.owns_udevd, "this test did not start udevd: it must not stop it"
+        self._stop_udevd()
+        self.udevd_pid = None
+
+    def start_udevd(self):
+        """Starts udevd again after stop_udevd() (unless someone else's runs now)."""
+        self._start_udevd()
 
     # ---- tear-down
 
