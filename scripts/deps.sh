@@ -3,7 +3,8 @@ packages=(
   build-essential pkg-config meson ninja-build
   libsdbus-c++-dev libsdbus-c++-bin libsystemd-dev libudev-dev libblkid-dev
   libspdlog-dev catch2 libcli11-dev nlohmann-json3-dev
-  dbus udev fdisk util-linux python3 python3-dbus polkitd
+  dbus udev fdisk util-linux python3 python3-dbus
+  systemd libdbus-1-dev libpolkit-gobject-1-dev polkitd
 )
 # Only scripts/test and scripts/fuzz need these (libFuzzer's runtime is in
 # libclang-rt-14-dev); they add them to packages before install_missing.

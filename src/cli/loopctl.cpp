@@ -7,12 +7,18 @@
 #include <systemd/sd-daemon.h>
 
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/signalfd.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <limits>
 #include <optional>
 
 namespace {
@@ -31,13 +37,33 @@ struct Failure : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// A usage error (bad configuration file); exit status 2.
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 class Manager final : public sdbus::ProxyInterfaces<org::loopd1::Manager_proxy> {
 public:
     explicit Manager(sdbus::IConnection& connection) : ProxyInterfaces(connection, busName, managerPath) {}
-    ~Manager() = default;
+    ~Manager() { unregisterProxy(); }
+
+    // Reports the removal of attachment `diskseq` (DeviceRemoved) from then on.
+    void watch(uint64_t diskseq)
+    {
+        watched_ = diskseq;
+        registerProxy();
+    }
+    // The reason loopd gave when the watched device went away, once it has.
+    const std::optional<std::string>& removed() const { return removed_; }
 
 private:
-    void onDeviceRemoved(const sdbus::ObjectPath&, const uint64_t&, const std::string&) override {}
+    void onDeviceRemoved(const sdbus::ObjectPath&, const uint64_t& diskseq, const std::string& reason) override
+    {
+        if (watched_ && diskseq == *watched_)
+            removed_ = reason;
+    }
+    std::optional<uint64_t> watched_;
+    std::optional<std::string> removed_;
 };
 
 Json toJson(const sdbus::Variant& value)
@@ -116,6 +142,7 @@ void printReady(const AttachReply& reply, bool json)
 
 struct AttachArgs {
     std::string image;
+    std::optional<std::string> config;
     bool readOnly = false;
     bool directIo = false;
     bool noPartscan = false;
@@ -155,55 +182,177 @@ Options attachOptions(const AttachArgs& args, bool readOnly)
     return options;
 }
 
-// Opened here, with the user's own permissions, and passed as an fd (AttachFd).
+// ---- /etc/loopd/images/NAME.conf ------------------------------------------
+//
+// One "key = value" per line, '#' starts a comment line. Keys are attach's long
+// options (image, read-only, offset, size-limit, sector-size, direct-io, partscan,
+// autoclear, timeout); booleans are yes/no, true/false, on/off or 1/0. What the
+// command line gives wins over the file.
+
+bool parseBool(const std::string& value, const std::string& where)
+{
+    if (value == "yes" || value == "true" || value == "on" || value == "1")
+        return true;
+    if (value == "no" || value == "false" || value == "off" || value == "0")
+        return false;
+    throw UsageError(where + ": '" + value + "' is not a boolean (yes or no)");
+}
+
+template <typename T> T parseNumber(const std::string& value, const std::string& where)
+{
+    try {
+        std::size_t used = 0;
+        const auto number = std::stoull(value, &used, 0);
+        if (used == value.size() && value.front() != '-' && number <= std::numeric_limits<T>::max())
+            return static_cast<T>(number);
+    } catch (const std::exception&) {
+    }
+    throw UsageError(where + ": '" + value + "' is not a number in range");
+}
+
+std::string trim(const std::string& text)
+{
+    const auto first = text.find_first_not_of(" \t");
+    if (first == std::string::npos)
+        return {};
+    return text.substr(first, text.find_last_not_of(" \t") - first + 1);
+}
+
+void applyConfigLine(AttachArgs& args, const std::string& key, const std::string& value, const std::string& where)
+{
+    if (key == "image") {
+        if (args.image.empty())
+            args.image = value;
+    } else if (key == "read-only") {
+        args.readOnly = args.readOnly || parseBool(value, where);
+    } else if (key == "direct-io") {
+        args.directIo = args.directIo || parseBool(value, where);
+    } else if (key == "partscan") {
+        args.noPartscan = args.noPartscan || !parseBool(value, where);
+    } else if (key == "autoclear") {
+        args.autoclear = args.autoclear || parseBool(value, where);
+    } else if (key == "offset") {
+        args.offset = args.offset.value_or(parseNumber<uint64_t>(value, where));
+    } else if (key == "size-limit") {
+        args.sizeLimit = args.sizeLimit.value_or(parseNumber<uint64_t>(value, where));
+    } else if (key == "sector-size") {
+        args.sectorSize = args.sectorSize.value_or(parseNumber<uint32_t>(value, where));
+    } else if (key == "timeout") {
+        args.timeout = args.timeout.value_or(static_cast<double>(parseNumber<uint32_t>(value, where)));
+    } else {
+        throw UsageError(where + ": unknown key '" + key + "'");
+    }
+}
+
+void readConfig(AttachArgs& args)
+{
+    std::ifstream in(*args.config);
+    if (!in)
+        throw UsageError(*args.config + ": " + std::strerror(errno));
+    std::string line;
+    for (unsigned number = 1; std::getline(in, line); ++number) {
+        const auto where = *args.config + ":" + std::to_string(number);
+        line = trim(line);
+        if (line.empty() || line.front() == '#')
+            continue;
+        const auto equals = line.find('=');
+        if (equals == std::string::npos)
+            throw UsageError(where + ": expected key = value");
+        applyConfigLine(args, trim(line.substr(0, equals)), trim(line.substr(equals + 1)), where);
+    }
+    if (args.image.empty())
+        throw UsageError(*args.config + ": no image = PATH");
+}
+
+// Opened here, with the user's own permissions, and passed as an fd (AttachFd):
+// loopd then needs no access to the file (its unit mounts the system read-only).
 // Without write permission the image is attached read-only, as losetup does.
-std::pair<int, bool> openImage(const AttachArgs& args)
+// Returns {fd, read-only}, or nullopt if it cannot be opened: then loopd, which
+// opens a path as its caller, is asked instead, and its error is the answer.
+std::optional<std::pair<int, bool>> openImage(const AttachArgs& args)
 {
     if (!args.readOnly) {
         const int fd = ::open(args.image.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd >= 0)
-            return {fd, false};
+            return std::pair{fd, false};
         if (errno != EACCES && errno != EROFS && errno != EPERM)
-            throw Failure(args.image + ": " + std::strerror(errno));
+            return std::nullopt;
         std::cerr << args.image << ": not writable, attaching read-only\n";
     }
     const int fd = ::open(args.image.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0)
-        throw Failure(args.image + ": " + std::strerror(errno));
-    return {fd, true};
+        return std::nullopt;
+    return std::pair{fd, true};
 }
 
-// Holds the device until SIGTERM or SIGINT: loopd detaches it when this
-// connection leaves the bus (lifetime=client), and this detaches it first, politely.
-void hold(Manager& manager, uint64_t diskseq)
+sigset_t holdSignals()
 {
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGTERM);
     sigaddset(&mask, SIGINT);
-    int signal = 0;
-    sigwait(&mask, &signal);
+    return mask;
+}
+
+// Holds the device until SIGTERM or SIGINT: loopd detaches it when this
+// connection leaves the bus (lifetime=client), and this detaches it first,
+// politely. If the device goes away meanwhile (someone detached it, loopd lost
+// it), this fails at once, so the unit holding it fails too.
+void hold(sdbus::IConnection& connection, Manager& manager, uint64_t diskseq)
+{
+    const sigset_t mask = holdSignals();
+    const int signals = ::signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (signals < 0)
+        throw Failure(std::string("signalfd: ") + std::strerror(errno));
+    for (;;) {
+        while (connection.processPendingRequest()) {
+        }
+        if (manager.removed()) {
+            ::close(signals);
+            throw Failure("org.loopd1.Error.DeviceChanged: diskseq " + std::to_string(diskseq) + " was removed (" +
+                          *manager.removed() + ") while held");
+        }
+        const auto poll = connection.getEventLoopPollData();
+        pollfd fds[] = {{poll.fd, static_cast<short>(poll.events), 0}, {signals, POLLIN, 0}};
+        if (::poll(fds, 2, poll.getPollTimeout()) < 0 && errno != EINTR) {
+            const int err = errno;
+            ::close(signals);
+            throw Failure(std::string("poll: ") + std::strerror(err));
+        }
+        if (fds[1].revents & POLLIN)
+            break;
+    }
+    ::close(signals);
     manager.Detach(diskseq, {});
 }
 
 int attach(sdbus::IConnection& connection, const AttachArgs& args)
 {
-    if (args.hold) { // before any thread exists, so sigwait() gets them
-        sigset_t mask;
-        sigemptyset(&mask);
-        sigaddset(&mask, SIGTERM);
-        sigaddset(&mask, SIGINT);
+    if (args.hold) { // before any thread exists, so only the signalfd gets them
+        const sigset_t mask = holdSignals();
         pthread_sigmask(SIG_BLOCK, &mask, nullptr);
     }
-    const auto [fd, readOnly] = openImage(args);
-    const sdbus::UnixFd unixFd(fd, sdbus::adopt_fd);
     Manager manager(connection);
-    const auto reply = manager.AttachFd(unixFd, attachOptions(args, readOnly || args.readOnly));
+    AttachReply reply;
+    if (const auto opened = openImage(args)) {
+        const sdbus::UnixFd unixFd(opened->first, sdbus::adopt_fd);
+        reply = manager.AttachFd(unixFd, attachOptions(args, opened->second || args.readOnly));
+    } else {
+        // loopd opens the path as this caller: it grants nothing more, and names
+        // what is wrong (NotFound, AccessDenied, ...) in its own error.
+        reply = manager.Attach(std::filesystem::absolute(args.image).string(), attachOptions(args, args.readOnly));
+    }
+    if (args.hold) {
+        // Before READY=1: a removal after this is seen, and one before it shows as
+        // the object being gone now.
+        manager.watch(std::get<2>(reply));
+        sdbus::createProxy(connection, busName, std::get<0>(reply))->getProperty("DiskSeq").onInterface(deviceInterface);
+    }
     printReady(reply, args.json);
     if (args.hold) {
         sd_notifyf(0, "READY=1\nSTATUS=Holding %s (diskseq %llu)", std::get<1>(reply).c_str(),
                    static_cast<unsigned long long>(std::get<2>(reply)));
-        hold(manager, std::get<2>(reply));
+        hold(connection, manager, std::get<2>(reply));
     }
     return 0;
 }
@@ -260,6 +409,17 @@ int list(sdbus::IConnection& connection, bool json)
     return 0;
 }
 
+// Under systemd (attach --hold in a Type=notify unit) the error becomes the unit's
+// status text, and the barrier makes sure the manager has read it before this
+// process exits (and the unit fails).
+void reportToSystemd(bool hold, const std::string& error)
+{
+    if (!hold || !std::getenv("NOTIFY_SOCKET"))
+        return;
+    sd_notifyf(0, "STATUS=%s", error.c_str());
+    sd_notify_barrier(0, 5'000'000);
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -273,7 +433,9 @@ int main(int argc, char** argv)
     bool json = false;
 
     auto* attachCmd = app.add_subcommand("attach", "attach IMAGE; print the device node, then its partitions");
-    attachCmd->add_option("IMAGE", attachArgs.image, "image file or block device")->required();
+    attachCmd->add_option("IMAGE", attachArgs.image, "image file or block device (or image = in --config)");
+    attachCmd->add_option("--config", attachArgs.config,
+                          "read the image and options from FILE (key = value lines, e.g. /etc/loopd/images/NAME.conf)");
     attachCmd->add_flag("--read-only", attachArgs.readOnly, "attach read-only");
     attachCmd->add_option("--offset", attachArgs.offset, "start of the data in the file, bytes (multiple of 512)");
     attachCmd->add_option("--size-limit", attachArgs.sizeLimit, "size of the device, bytes (multiple of 512)");
@@ -306,6 +468,17 @@ int main(int argc, char** argv)
     }
 
     try {
+        if (attachArgs.config)
+            readConfig(attachArgs);
+        else if (*attachCmd && attachArgs.image.empty())
+            throw UsageError("attach: IMAGE or --config is required");
+    } catch (const UsageError& e) {
+        std::cerr << e.what() << std::endl;
+        reportToSystemd(attachArgs.hold, e.what());
+        return 2;
+    }
+
+    try {
         auto connection = sdbus::createSystemBusConnection();
         // The daemon's own deadline decides; the bus call only must not give up first.
         const double callSeconds = std::max(timeout, attachArgs.timeout.value_or(10)) + 30;
@@ -321,8 +494,10 @@ int main(int argc, char** argv)
         return status(*connection, name, json);
     } catch (const sdbus::Error& e) {
         std::cerr << e.getName() << ": " << e.getMessage() << std::endl;
+        reportToSystemd(attachArgs.hold, e.getName() + ": " + e.getMessage());
     } catch (const std::exception& e) {
         std::cerr << e.what() << std::endl;
+        reportToSystemd(attachArgs.hold, e.what());
     }
     return 1;
 }
