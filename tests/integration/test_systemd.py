@@ -248,7 +248,7 @@ def test_watchdog_restarts_a_stuck_loopd(m):
     m.systemctl("start", "loopd.service")
     first = m.show("loopd.service", "MainPID", "NRestarts")
     # Elapsed time is what is tested here: 2.5 watchdog periods with a live loop
-    # must not trip it (the pings arrive: NotifyAccess= lets them through).
+    # must not trip it: the loop thread's WATCHDOG=1 pings reach the manager.
     time.sleep(5)
     now = m.show("loopd.service", "ActiveState", "MainPID", "NRestarts")
     assert now == {"ActiveState": "active", **first}, f"watchdog tripped on a live loopd: {first} -> {now}"
@@ -269,8 +269,19 @@ def test_watchdog_restarts_a_stuck_loopd(m):
     assert source == "udev", source
 
 
+def sanitized(binary):
+    with open(binary, "rb") as f:
+        return b"__asan_init" in f.read()
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--dependent":
         dependent_main(*sys.argv[2:])
+    elif os.geteuid() == 0 and sanitized(harness.LOOPD):
+        # The production sandbox denies what ASan/LSan need (ptrace for the leak
+        # check, writing reports to log_path); loopd's memory safety is what the
+        # other integration tests check under sanitizers.
+        print("SKIP: loopd.service's sandbox is for the production build, not ASan's")
+        sys.exit(77)
     else:
         main(globals())
