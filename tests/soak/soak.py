@@ -22,6 +22,7 @@ import argparse
 from collections import Counter
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -207,6 +208,13 @@ def verify_detached_despite_reuse(devnode, diskseq):
         raise
 
 
+def kind_of(message):
+    """A message with its numbers and names blanked, for counting by kind."""
+    message = re.sub(r"^client \d+ cycle \d+: ", "", message)
+    message = re.sub(r"/var/tmp/\S+", "FILE", message)
+    return re.sub(r"\d+", "N", message)
+
+
 def percentile(values, p):
     if not values:
         return float("nan")
@@ -263,10 +271,12 @@ def report(args, stats, samples, leaked, duration, log):
         print(f"  {k:<{width}}  {v}")
     for name, items in (("WRONG", stats.wrong), ("HUNG", stats.hung),
                         ("ERROR", stats.errors), ("LEAK", leaked)):
-        for item in items[:20]:
+        for item in items[:10]:
             print(f"{name}: {item}")
-        if len(items) > 20:
-            print(f"{name}: ... and {len(items) - 20} more")
+        if len(items) > 10:
+            print(f"{name}: ... and {len(items) - 10} more; all of them by kind:")
+            for kind, n in Counter(map(kind_of, items)).most_common():
+                print(f"{name}: {n:6} x {kind}")
     problems = []
     if stats.wrong or stats.hung or stats.errors or leaked:
         problems.append("wrong/hung/error/leaked above")
@@ -293,7 +303,8 @@ def main():
         with Env(["--test-drop", f"random:{args.drop_ratio}", "--test-seed", str(args.seed)]) as env:
             ok = report(args, *soak(env, args))
     except AssertionError as e:  # Env's own checks at exit (leaks, loopd's exit)
-        print(f"FAIL: {e}")
+        text = str(e)
+        print(f"FAIL: {text[:600]}{' ...' if len(text) > 600 else ''}")
         ok = False
     sys.exit(0 if ok else 1)
 
