@@ -6,13 +6,18 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <string>
 #include <system_error>
+#include <thread>
 
 namespace loopd::kernel {
 namespace {
+
+// How long removePartition waits for a transient opener (udev's probe) to let go.
+constexpr std::chrono::seconds busyRetryLimit{5};
 
 using Probe = std::unique_ptr<std::remove_pointer_t<blkid_probe>, decltype(&blkid_free_probe)>;
 
@@ -90,9 +95,23 @@ bool addPartition(int fd, const PartitionSpec& spec)
 
 void removePartition(int fd, unsigned number)
 {
-    if (blkpg(fd, BLKPG_DEL_PARTITION, PartitionSpec{number, 0, 0}) == 0 || errno == ENXIO)
-        return;
-    fail(errno, "BLKPG_DEL_PARTITION " + std::to_string(number));
+    // BLKPG_DEL_PARTITION fails with EBUSY while anyone has the partition open, and
+    // udev's workers open every new partition to probe it. Seen on Debian 12's 6.1
+    // (kernel matrix, qemu): a 32-partition attach that timed out while udev was
+    // still probing could not be undone ("BLKPG_DEL_PARTITION 31: EBUSY") and the
+    // device leaked. A probe lets go within milliseconds (seconds under emulation),
+    // so retry for a while; a partition that stays open (mounted) still fails.
+    using namespace std::chrono_literals;
+    const auto deadline = std::chrono::steady_clock::now() + busyRetryLimit;
+    auto pause = 5ms;
+    while (blkpg(fd, BLKPG_DEL_PARTITION, PartitionSpec{number, 0, 0}) != 0) {
+        if (errno == ENXIO)
+            return;
+        if (errno != EBUSY || std::chrono::steady_clock::now() + pause > deadline)
+            fail(errno, "BLKPG_DEL_PARTITION " + std::to_string(number));
+        std::this_thread::sleep_for(pause);
+        pause = std::min<std::chrono::milliseconds>(pause * 2, 200ms);
+    }
 }
 
 std::vector<unsigned> existingPartitions(unsigned loopNumber)

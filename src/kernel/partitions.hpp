@@ -21,7 +21,8 @@ std::vector<PartitionSpec> probePartitions(int fd);
 // kernel's own parser created it, on kernels that have one).
 bool addPartition(int fd, const PartitionSpec& spec);
 
-// BLKPG_DEL_PARTITION; a partition that does not exist (ENXIO) is fine.
+// BLKPG_DEL_PARTITION; a partition that does not exist (ENXIO) is fine. EBUSY (the
+// partition is open) is retried for up to a few seconds before it is an error.
 void removePartition(int fd, unsigned number);
 
 // Partition numbers the kernel has for loopN now (from sysfs), in order.
