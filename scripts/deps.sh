@@ -3,7 +3,7 @@ packages=(
   build-essential pkg-config meson ninja-build
   libsdbus-c++-dev libsdbus-c++-bin libsystemd-dev libudev-dev libblkid-dev
   libspdlog-dev catch2 libcli11-dev nlohmann-json3-dev
-  dbus udev fdisk util-linux python3 python3-dbus
+  dbus udev fdisk util-linux python3 python3-dbus python3-gi
   systemd libdbus-1-dev libpolkit-gobject-1-dev polkitd
 )
 # Only scripts/test and scripts/fuzz need these (libFuzzer's runtime is in

@@ -32,15 +32,17 @@ std::vector<Nudge> Registry::nudges(Clock::time_point now, Clock::duration retry
 {
     std::map<unsigned, Nudge> due; // one per device, though attach and WaitReady may both wait
     for (auto& [id, request] : requests_) {
-        if (request.goal != Goal::Ready || !request.nudgeAt || *request.nudgeAt > now)
+        if (!request.nudgeAt || *request.nudgeAt > now)
             continue;
         request.nudgeAt = now + retry;
         const auto& watch = request.watch;
         const auto& view = ledger_.view(watch.number, watch.source);
         const bool current = view.diskseq == watch.diskseq;
-        Nudge nudge{watch, !current || !view.disk, {}};
+        Nudge nudge{request.goal, watch, false, {}};
+        if (request.goal == Goal::Ready)
+            nudge.disk = !current || !view.disk;
         for (const auto p : watch.partitions)
-            if (!current || view.partitions.count(p) == 0)
+            if ((request.goal == Goal::Ready) == (!current || view.partitions.count(p) == 0))
                 nudge.partitions.push_back(p);
         due.insert_or_assign(watch.number, std::move(nudge));
     }

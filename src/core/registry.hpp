@@ -28,6 +28,7 @@ enum class Goal { Ready, Released };
 // events it misses (disk and/or partitions) may have been dropped by the kernel,
 // so the caller asks the kernel to send them again.
 struct Nudge {
+    Goal goal = Goal::Ready; // Released: the remove events are missing; re-read instead
     Watch watch;
     bool disk = false;                // the disk's event is missing
     std::vector<unsigned> partitions; // these partitions' events are missing

@@ -172,6 +172,27 @@ void checkPartitionsUnclaimed(const DeviceInfo& info)
     }
 }
 
+bool released(const DeviceInfo& info)
+{
+    return !(kernel::sysfsDiskseq(info.number) == info.diskseq && kernel::sysfsBackingFile(info.number));
+}
+
+// With other openers, LOOP_CLR_FD (6.11+) releases at their last close. udev's
+// workers open a device for a moment to probe it; the release follows their close
+// within milliseconds. Give transient openers a short while before calling the
+// device busy.
+bool releasedSoon(const DeviceInfo& info)
+{
+    using namespace std::chrono_literals;
+    auto pause = 2ms;
+    for (auto waited = 0ms; waited < 2s; waited += pause, pause = std::min<std::chrono::milliseconds>(pause * 2, 100ms)) {
+        if (released(info))
+            return true;
+        std::this_thread::sleep_for(pause);
+    }
+    return released(info);
+}
+
 } // namespace
 
 kernel::BackingFile openBacking(const std::string& path, const AttachOptions& options,
@@ -232,7 +253,7 @@ bool detach(UniqueFd& lockFd, const DeviceInfo& info)
     // autoclear and the release waits for their last close.
     kernel::clear(lockFd.get());
     lockFd.reset();
-    return !(kernel::sysfsDiskseq(info.number) == info.diskseq && kernel::sysfsBackingFile(info.number));
+    return releasedSoon(info);
 }
 
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept

@@ -30,10 +30,12 @@ constexpr auto releaseTimeout = 10s;
 // again (kernels 5.19-6.14 drop some loop uevents; sockets drop them under load).
 // Readiness takes ~10 ms here, so a second means something was lost.
 constexpr auto nudgeAfter = 1s;
-// How often udevd is checked for life, and owned devices for a foreign
-// `losetup -d` that the node watch missed (LOOP_CLR_FD through an fd opened long
-// before). The API promises DeviceRemoved within a second.
+// How often udevd is checked for life (ReadinessSource follows it).
 constexpr auto housekeepingInterval = 1s;
+// How often owned devices are checked for a foreign `losetup -d` that the node
+// watch did not see (LOOP_CLR_FD through an fd opened long before). A safety net:
+// it reads sysfs for every owned device.
+constexpr auto releaseScanInterval = 5s;
 
 // A random RFC 4122 version 4 UUID, for SYNTH_UUID.
 std::string makeUuid()
@@ -216,6 +218,7 @@ void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newO
 {
     if (!newOwner.empty() || name.empty() || name.front() != ':')
         return;
+    callers_.erase(name);
     for (auto& [id, job] : attaches_)
         if (job.sender == name)
             job.vanished = true;
@@ -266,16 +269,16 @@ void Daemon::settle(const std::vector<core::Outcome>& outcomes)
 // what a crash left half done.
 void Daemon::recover()
 {
-    const auto records = records_.loadAll();
-    std::set<unsigned> named;
+    auto records = records_.loadAll();
+    // Owned devices first: their numbers are not searched for a crash's leftovers.
+    std::set<unsigned> adopted;
     for (const auto& record : records)
-        if (record.state != core::Record::State::Intent)
-            named.insert(record.info.number);
+        if (record.state == core::Record::State::Owned && adoptOrRelease(record))
+            adopted.insert(record.info.number);
     for (const auto& record : records) {
         try {
             switch (record.state) {
             case core::Record::State::Owned:
-                adopt(record);
                 continue;
             case core::Record::State::Configured:
             case core::Record::State::Detaching:
@@ -283,30 +286,44 @@ void Daemon::recover()
                 releaseRecorded(record);
                 break;
             case core::Record::State::Intent:
-                releaseIntent(record, named);
+                // Matched by the intent's unique lo_file_name: another record naming
+                // the same number may be stale (its device released long ago).
+                releaseIntent(record, adopted);
                 break;
             }
+            records_.remove(record);
         } catch (const std::exception& e) {
-            spdlog::error("recovery of dev={} failed: {}", describe(record.info), e.what());
-            // A device loopd owned but cannot adopt would be an orphan: release it.
-            if (record.state == core::Record::State::Owned)
-                try {
-                    releaseRecorded(record);
-                } catch (const std::exception& again) {
-                    spdlog::error("cannot release dev={} either: {}", describe(record.info), again.what());
-                }
+            // Kept: the next start tries again rather than forget a device.
+            spdlog::error("recovery of dev={} failed, record kept: {}", describe(record.info), e.what());
         }
-        records_.remove(record);
     }
 }
 
-void Daemon::adopt(const core::Record& record)
+// Adopts an owned device, or releases it when it cannot be adopted (a device loopd
+// owned but does not list would be an orphan). True when adopted.
+bool Daemon::adoptOrRelease(const core::Record& record)
+{
+    try {
+        return adopt(record);
+    } catch (const std::exception& e) {
+        spdlog::error("cannot adopt dev={}: {}; releasing it", describe(record.info), e.what());
+    }
+    try {
+        releaseRecorded(record);
+        records_.remove(record);
+    } catch (const std::exception& e) {
+        spdlog::error("cannot release dev={} either, record kept: {}", describe(record.info), e.what());
+    }
+    return false;
+}
+
+bool Daemon::adopt(const core::Record& record)
 {
     auto fd = reopenOwned(record);
     if (!fd) {
         spdlog::info("not adopting dev={}: released or replaced while loopd was not running", describe(record.info));
         records_.remove(record);
-        return;
+        return false;
     }
     Device device;
     device.info = record.info;
@@ -330,6 +347,7 @@ void Daemon::adopt(const core::Record& record)
     spdlog::info("adopted dev={} owner={}", describe(stored.info), record.owner);
     if (record.lifetime == Lifetime::Client)
         checkClientAlive(diskseq, record.owner);
+    return true;
 }
 
 // Subscribed to NameOwnerChanged first (constructor), then asked: a client that
@@ -374,13 +392,18 @@ void Daemon::resync(unsigned number)
     core::EventLedger::View kernelView{*diskseq, true, {partitions.begin(), partitions.end()}};
     settle(registry_.resync(number, EventSource::Kernel, kernelView));
 
+    // udev's database keeps no DISKSEQ: the disk's by-diskseq link says which
+    // attachment udev processed it for, and a partition entry counts only if udev
+    // initialized it after the attach began (older ones are of an earlier attachment).
+    const auto owned = numbers_.find(number);
+    const auto since = owned == numbers_.end() ? UINT64_MAX : devices_.at(owned->second).startedUsec;
     core::EventLedger::View udevView{*diskseq, false, {}};
     for (const auto& [partition, entry] : uevent::readUdevDatabase(number)) {
-        if (!entry.initialized || entry.diskseq != *diskseq)
+        if (!entry.initialized)
             continue;
         if (partition == 0)
-            udevView.disk = true;
-        else if (kernelView.partitions.count(partition))
+            udevView.disk = entry.linkedDiskseq == *diskseq;
+        else if (kernelView.partitions.count(partition) && entry.initializedUsec >= since)
             udevView.partitions.insert(partition);
     }
     settle(registry_.resync(number, EventSource::Udev, udevView));
@@ -424,6 +447,9 @@ void Daemon::housekeeping(core::Clock::time_point now)
         spdlog::warn("udevd {}; readiness source is now {}", udev ? "is back" : "stopped", readinessSource());
         manager_->readinessSourceChanged();
     }
+    if (now < nextReleaseScan_)
+        return;
+    nextReleaseScan_ = now + releaseScanInterval;
     std::vector<unsigned> owned;
     for (const auto& [number, diskseq] : numbers_)
         owned.push_back(number);
@@ -439,9 +465,16 @@ void Daemon::checkReleased(unsigned number)
     if (it == numbers_.end())
         return;
     const auto& device = devices_.at(it->second);
-    if (device.state == State::Ready && !device.options.autoclear &&
-        kernel::sysfsAutoclear(number).value_or(true))
-        foreignDetach(device.info.diskseq);
+    if (device.state == State::Detaching || device.options.autoclear || !kernel::sysfsAutoclear(number).value_or(true))
+        return;
+    if (device.state == State::Ready)
+        return foreignDetach(device.info.diskseq);
+    // Still attaching: the caller must not be told it is ready.
+    for (const auto& [id, job] : attaches_)
+        if (job.diskseq == device.info.diskseq) {
+            registry_.cancel(id);
+            return abandonAttach(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
+        }
 }
 
 void Daemon::watchNode(const Device& device)
@@ -457,6 +490,13 @@ void Daemon::watchNode(const Device& device)
 // writes make the kernel emit uevents synchronously).
 void Daemon::nudge(const core::Nudge& due)
 {
+    if (due.goal == core::Goal::Released) {
+        // Remove events cannot be asked for again: what they would say is in sysfs
+        // and udev's database.
+        spdlog::info("remove events missing dev={} diskseq={}: re-enumerating", kernel::loopDevNode(due.watch.number),
+                     due.watch.diskseq);
+        return resync(due.watch.number);
+    }
     const auto uuid = makeUuid();
     std::string missing = due.disk ? "disk" : "";
     for (const auto p : due.partitions)
@@ -483,7 +523,7 @@ EventSource Daemon::eventSourceFor(ReadinessMode mode) const
 {
     const bool udev = uevent::udevRunning();
     if (mode == ReadinessMode::Udev && !udev)
-        throw Error(Errc::Failed, "readiness=udev was asked for, but no udevd is running");
+        throw Error(Errc::Timeout, "readiness=udev was asked for, but no udevd is running to confirm it");
     return mode == ReadinessMode::Kernel || !udev ? EventSource::Kernel : EventSource::Udev;
 }
 
@@ -595,12 +635,17 @@ void Daemon::askPolkit(const std::string& sender, const std::string& action,
 
 void Daemon::lookupCaller(const std::string& sender, std::function<void(std::exception_ptr, Caller)> then)
 {
+    // A connection's credentials are fixed when it connects and its unique name is
+    // never reused: ask the bus once per connection (forgotten when it leaves).
+    if (const auto known = callers_.find(sender); known != callers_.end())
+        return then(nullptr, known->second);
     try {
         // Asynchronous: the loop never waits for the bus daemon.
         busProxy_->callMethodAsync("GetConnectionCredentials")
             .onInterface("org.freedesktop.DBus")
             .withArguments(sender)
-            .uponReplyInvoke([then](const sdbus::Error* error, std::map<std::string, sdbus::Variant> credentials) {
+            .uponReplyInvoke([this, sender, then](const sdbus::Error* error,
+                                                  std::map<std::string, sdbus::Variant> credentials) {
                 if (error)
                     return then(std::make_exception_ptr(*error), {});
                 Caller caller;
@@ -608,6 +653,7 @@ void Daemon::lookupCaller(const std::string& sender, std::function<void(std::exc
                                                               : UINT32_MAX;
                 if (credentials.count("UnixGroupIDs"))
                     caller.groups = credentials.at("UnixGroupIDs").get<std::vector<uint32_t>>();
+                callers_[sender] = caller;
                 then(nullptr, std::move(caller));
             });
     } catch (...) {
@@ -668,12 +714,15 @@ void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
     device.owner = job.sender;
     device.ownerUid = job.ownerUid;
     device.record = job.record;
+    device.startedUsec = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(job.started.time_since_epoch()).count());
     job.diskseq = diskseq;
     const auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
     numbers_[stored.info.number] = diskseq;
     spdlog::debug("configured dev={} diskseq={} partitions={} file={}", kernel::loopDevNode(stored.info.number),
                   diskseq, stored.info.partitions.size(), job.what);
     linkRef(stored);
+    watchNode(stored);
     if (stopping_)
         return abandonAttach(id, Errc::Failed, "loopd is stopping", true);
     settle(registry_.expect(id, core::Goal::Ready, stored.watch(), job.deadline, core::Clock::now() + nudgeAfter));
@@ -681,6 +730,11 @@ void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
 
 void Daemon::attachReady(core::RequestId id)
 {
+    // A `losetup -d` meanwhile only set autoclear (loopd holds the device open)
+    // and sent no event: look before saying ready.
+    if (const auto& device = devices_.at(attaches_.at(id).diskseq);
+        !device.options.autoclear && kernel::sysfsAutoclear(device.info.number).value_or(true))
+        return abandonAttach(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
     auto node = attaches_.extract(id);
     auto& job = node.mapped();
     auto& device = devices_.at(job.diskseq);
@@ -690,7 +744,6 @@ void Daemon::attachReady(core::RequestId id)
     device.record.readyTimestamp = realtimeUsec();
     writeRecord(device.record);
     exportDevice(device);
-    watchNode(device);
     replyReady(job.result, device);
     manager_->devicesChanged();
     spdlog::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
@@ -848,7 +901,8 @@ void Daemon::onDetachDone(core::RequestId id, std::exception_ptr error, bool rel
         replyDetach(id, std::make_exception_ptr(Error(Errc::Busy, message)));
         return removeDevice(diskseq, "autoclear");
     }
-    settle(registry_.expect(id, core::Goal::Released, device.watch(), core::Clock::now() + releaseTimeout));
+    const auto now = core::Clock::now();
+    settle(registry_.expect(id, core::Goal::Released, device.watch(), now + releaseTimeout, now + nudgeAfter));
 }
 
 void Daemon::detachConfirmed(core::RequestId id, bool timedOut)

@@ -59,6 +59,7 @@ private:
         uint32_t ownerUid = 0;
         State state = State::Attaching;
         core::Record record; // as kept in the record store
+        uint64_t startedUsec = 0; // CLOCK_MONOTONIC when the attach call came (0: adopted)
         std::unique_ptr<DeviceObject> object;
         [[nodiscard]] core::Watch watch() const;
     };
@@ -92,7 +93,8 @@ private:
     void onSignal();
     void housekeeping(core::Clock::time_point now);
     void recover();
-    void adopt(const core::Record& record);
+    bool adopt(const core::Record& record);
+    bool adoptOrRelease(const core::Record& record);
     void checkClientAlive(uint64_t diskseq, const std::string& owner);
     void exportDevice(Device& device);
     void writeRecord(const core::Record& record);
@@ -156,6 +158,8 @@ private:
     bool stopping_ = false;
     bool udevSeen_ = false;
     core::Clock::time_point nextHousekeeping_{};
+    core::Clock::time_point nextReleaseScan_{};
+    std::map<std::string, Caller> callers_; // credentials by unique bus name, while connected
 };
 
 } // namespace loopd::service

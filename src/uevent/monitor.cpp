@@ -6,7 +6,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
+#include <ctime>
+#include <spdlog/spdlog.h>
 #include <string_view>
 #include <system_error>
 
@@ -16,11 +19,6 @@ namespace {
 [[noreturn]] void fail(int err, const char* what)
 {
     throw std::system_error(err, std::generic_category(), what);
-}
-
-uint64_t diskseqOf(udev_device* device)
-{
-    return parseDiskseq(udev_device_get_property_value(device, "DISKSEQ"));
 }
 
 std::optional<Uevent> toUevent(udev_device* device, EventSource source)
@@ -76,6 +74,37 @@ bool Monitor::dropped(const Uevent& event)
     return true;
 }
 
+namespace {
+
+uint64_t monotonicUsec()
+{
+    timespec now{};
+    ::clock_gettime(CLOCK_MONOTONIC, &now);
+    return static_cast<uint64_t>(now.tv_sec) * 1'000'000 + static_cast<uint64_t>(now.tv_nsec) / 1000;
+}
+
+UdevEntry readEntry(udev_device* device)
+{
+    UdevEntry entry;
+    entry.initialized =
+        udev_device_get_is_initialized(device) > 0 && !udev_device_get_property_value(device, "ID_PROCESSING");
+    if (!entry.initialized)
+        return entry;
+    const uint64_t now = monotonicUsec();
+    entry.initializedUsec = now - std::min<uint64_t>(now, udev_device_get_usec_since_initialized(device));
+    constexpr std::string_view prefix = "/dev/disk/by-diskseq/";
+    udev_list_entry* link;
+    udev_list_entry_foreach(link, udev_device_get_devlinks_list_entry(device))
+    {
+        const std::string_view name = udev_list_entry_get_name(link);
+        if (name.substr(0, prefix.size()) == prefix)
+            entry.linkedDiskseq = std::strtoull(std::string(name.substr(prefix.size())).c_str(), nullptr, 10);
+    }
+    return entry;
+}
+
+} // namespace
+
 std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number)
 {
     std::map<unsigned, UdevEntry> entries;
@@ -96,9 +125,7 @@ std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number)
                 continue;
             const auto name = parseLoopName(udev_device_get_sysname(device));
             if (name && name->first == number)
-                entries[name->second] = UdevEntry{diskseqOf(device),
-                                                  udev_device_get_is_initialized(device) > 0 &&
-                                                      !udev_device_get_property_value(device, "ID_PROCESSING")};
+                entries[name->second] = readEntry(device);
             udev_device_unref(device);
         }
     }
@@ -118,8 +145,11 @@ Monitor::Monitor(EventSource source, int receiveBufferBytes, DropRules drops)
         fail(errno ? errno : ENOMEM, "udev_monitor_new_from_netlink");
     }
     int r = udev_monitor_filter_add_match_subsystem_devtype(monitor_, "block", nullptr);
-    if (r >= 0)
-        r = udev_monitor_set_receive_buffer_size(monitor_, receiveBufferBytes);
+    // Growing the buffer past net.core.rmem_max needs CAP_NET_ADMIN, which the
+    // hardened unit does not grant: keep what the kernel allows. Lost events cost a
+    // re-enumeration, never a wrong answer.
+    if (r >= 0 && udev_monitor_set_receive_buffer_size(monitor_, receiveBufferBytes) < 0)
+        spdlog::warn("uevent receive buffer of {} bytes refused; keeping the kernel's limit", receiveBufferBytes);
     if (r >= 0)
         r = udev_monitor_enable_receiving(monitor_);
     if (r < 0) {

@@ -64,8 +64,14 @@ private:
 // What udev's database says of one device: the DISKSEQ it processed last, and
 // whether processing finished (the entry is initialized).
 struct UdevEntry {
-    uint64_t diskseq = 0;
     bool initialized = false;
+    // The diskseq udev last processed the whole disk with, from its
+    // disk/by-diskseq/N link (the database keeps no DISKSEQ; libudev's property
+    // comes from sysfs, i.e. is always the current one). 0 for partitions.
+    uint64_t linkedDiskseq = 0;
+    // When udev first processed the device (CLOCK_MONOTONIC, µs): a partition
+    // entry older than the attachment belongs to an earlier one on that number.
+    uint64_t initializedUsec = 0;
 };
 // loopN (partition 0) and its partitions that have a udev database entry, read
 // from /run/udev/data: for re-enumeration after lost events.

@@ -182,6 +182,18 @@ def test_storm_with_tiny_receive_buffer(env):
         # All clients are running before the first reply is read; each reply is
         # verified on its own thread the moment it arrives, while others still wait.
         procs = [start_busctl(busctl_attach_cmd(image.path)) for image in images]
+        # Fault injection, so that the overflow is certain rather than likely: once
+        # the first devices are configured, stop loopd for a moment while their
+        # events pile up in the tiny socket buffer.
+        deadline = time.monotonic() + 10
+        while not env.attached_here():
+            assert time.monotonic() < deadline, "no attach configured a device"
+            time.sleep(0.005)
+        os.kill(env.loopd.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.3)
+        finally:
+            os.kill(env.loopd.pid, signal.SIGCONT)
 
         def attach_and_verify(i):
             replies[i] = parse_busctl_attach(busctl_reply(procs[i]))
