@@ -57,6 +57,17 @@ class BenchEnv(harness.Env):
     their Debian policy files are added to the bus configuration the harness wrote,
     which the bus then reloads."""
 
+    def __enter__(self):
+        # A temp dir of our own prefix: clean-ups of loopd-test-* by others must not
+        # pull the bus socket and the image from under a long run.
+        mkdtemp = tempfile.mkdtemp
+        harness.tempfile = type("T", (), {"mkdtemp": staticmethod(
+            lambda **kw: mkdtemp(**{**kw, "prefix": "loopd-bench-"}))})
+        try:
+            return super().__enter__()
+        finally:
+            harness.tempfile = tempfile
+
     def _start_bus(self):
         super()._start_bus()
         config = os.path.join(self.tmp, "bus.conf")
@@ -161,6 +172,27 @@ class Driver:
 # ------------------------------------------------------------------ measurements
 
 
+def loopd_pid(env):
+    """loopd's own pid: the harness's child, or that child's child when a profiler
+    wraps it (--wrap-loopd: strace, perf)."""
+    pid = env.loopd.pid
+    with open(f"/proc/{pid}/comm") as f:
+        if f.read().strip() == "loopd":
+            return pid
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm == "loopd" and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            return int(entry)
+    return pid  # valgrind runs loopd inside its own process
+
+
 def proc_cpu_seconds(pid):
     """utime + stime of the whole process (all threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
@@ -168,12 +200,20 @@ def proc_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
 
 
-def proc_rss_kib(pid):
+def proc_rss_kib(pid, field="VmRSS"):
+    """VmRSS, or RssAnon / RssFile (heap and stacks / mapped libraries)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def idle_cpu_percent(pid, seconds=4.0):
+    """loopd's CPU use while nobody calls it: its periodic work (housekeeping)."""
+    before = proc_cpu_seconds(pid)
+    time.sleep(seconds)
+    return 100 * (proc_cpu_seconds(pid) - before) / seconds
 
 
 def others_running():
@@ -246,7 +286,8 @@ def run_batch(env, driver, udisks, results, contender, concurrency, cycles, phas
     if contender == "udisks2":
         udisks.start()
     disturbed = bool(others_running())
-    cpu_before = proc_cpu_seconds(env.loopd.pid)
+    cpu_before = proc_cpu_seconds(loopd_pid(env))
+    started = time.monotonic()  # CLOCK_MONOTONIC: perf record -k CLOCK_MONOTONIC lines up
     try:
         batch = driver.call(cmd="batch", contender=contender, concurrency=concurrency, cycles=cycles)
     finally:
@@ -254,11 +295,12 @@ def run_batch(env, driver, udisks, results, contender, concurrency, cycles, phas
             udisks.stop()
     if "error" in batch and "samples" not in batch:
         raise RuntimeError(f"{contender} c={concurrency}: {batch['error']}")
-    batch["loopd_cpu_s"] = proc_cpu_seconds(env.loopd.pid) - cpu_before
+    batch["loopd_cpu_s"] = proc_cpu_seconds(loopd_pid(env)) - cpu_before
     if contender != "loopd":
         batch.pop("loopd_cpu_s")  # loopd's CPU while others ran is only event filtering
     batch["disturbed"] = disturbed or bool(others_running())
     batch["phase"] = phase
+    batch["monotonic"] = [started, time.monotonic()]
     results.add(batch)
     env.assert_loopd_alive()
     return batch
@@ -268,9 +310,16 @@ def many_devices_phase(env, driver, udisks, results, args):
     """RSS with 1, 100, 1000 attached, and latency with 1000 attached against none."""
     out = {"max_loop": harness.read_text("/sys/module/loop/parameters/max_loop"),
            "loop_devices_before": loop_device_count()}
-    pid = env.loopd.pid
+    pid = loopd_pid(env)
     out["rss_kib"] = {"0": proc_rss_kib(pid)}
+    out["idle_cpu_pct"] = {"0": idle_cpu_percent(pid)}
+    out["rss_anon_kib"] = {"0": proc_rss_kib(pid, "RssAnon")}
+    out["rss_file_kib_0"] = proc_rss_kib(pid, "RssFile")
     cycles, rounds = args.many_latency
+    # Both latency groups start with udev's queue empty: right after filling, udev
+    # is still busy with the close-after-write changes of the last attaches, and
+    # that backlog is not what "latency with N attached" means.
+    harness.run("udevadm", "settle", check=False)
     for _ in range(rounds):  # with none held: the baseline, just before
         for c in random.sample(("floor", "loopd"), 2):
             run_batch(env, driver, udisks, results, c, 1, cycles, phase="none-held")
@@ -283,10 +332,13 @@ def many_devices_phase(env, driver, udisks, results, args):
             out.setdefault("hold_errors", []).extend(answer["errors"][:3])
         held = answer["held"]
         out["rss_kib"][str(target)] = proc_rss_kib(pid)
+        out.setdefault("rss_anon_kib", {})[str(target)] = proc_rss_kib(pid, "RssAnon")
         out.setdefault("hold", []).append({"target": target, "held": held, "wall_ms": answer["wall_ms"]})
     out["hold_cpu_ms_per_attach"] = 1000 * (proc_cpu_seconds(pid) - cpu_before) / max(held, 1)
     out["loop_devices_with_held"] = loop_device_count()
     out["held"] = held
+    out["idle_cpu_pct"][str(held)] = idle_cpu_percent(pid)
+    harness.run("udevadm", "settle", check=False)
     for _ in range(rounds):
         for c in random.sample(("floor", "loopd"), 2):
             run_batch(env, driver, udisks, results, c, 1, cycles, phase="many-held")
@@ -387,6 +439,12 @@ def markdown(results, plan, many, meta):
         lines.append("| loopd RSS (MiB) | " + " | ".join(fmt(rss.get(k, 0) / 1024, 2) for k in
                                                          ("0", "1", "100", str(max(int(k) for k in rss)))) +
                      f" | {fmt(many['rss_kib_after_release'] / 1024, 2)} |")
+        anon = many.get("rss_anon_kib", {})
+        lines.append("| of which RssAnon (heap, stacks) | " + " | ".join(
+            fmt(anon.get(k, 0) / 1024, 2) for k in ("0", "1", "100", str(many["held"]))) + " | |")
+        idle = many.get("idle_cpu_pct", {})
+        lines.append(f"| loopd CPU while idle (%) | {fmt(idle.get('0'), 2)} | | | "
+                     f"{fmt(idle.get(str(many['held'])), 2)} | |")
         lines.append("")
         lines.append(f"| attach, 1 client, GPT-3 | median with none held | p90 | median with {many['held']} held | p90 | ratio |")
         lines.append("|---|---:|---:|---:|---:|---:|")
@@ -486,6 +544,8 @@ def parse_args():
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--plot", default=os.path.join(here, "attach_latency.png"), help="PNG to write")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--wrap-loopd", help="profile: run loopd under this command, e.g. "
+                    "'strace -f -tt -T -o /tmp/loopd.strace' or 'perf record -g -o /tmp/loopd.perf --'")
     args = ap.parse_args()
     args.contenders = [c for c in args.contenders.split(",") if c]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
@@ -530,6 +590,14 @@ def main():
     for binary in (exe, harness.LOOPD):
         if not os.access(binary, os.X_OK):
             sys.exit(f"{binary} is not built (run scripts/bench, or ninja -C {args.build})")
+    if args.wrap_loopd:
+        # The harness starts one binary with its arguments: a script that execs the
+        # profiler with loopd (loopd's pid is then the profiler's child, found below).
+        wrapper = os.path.join(tempfile.gettempdir(), f"loopd-bench-wrap-{os.getpid()}.sh")
+        with open(wrapper, "w") as f:
+            f.write(f'#!/bin/sh\nexec {args.wrap_loopd} {harness.LOOPD} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        harness.LOOPD = wrapper
     for tool in ("udisks2",):
         if tool in args.contenders and not os.access(UDISKSD, os.X_OK):
             print(f"# {UDISKSD} missing: udisks2 left out (scripts/bench installs it)", file=sys.stderr)

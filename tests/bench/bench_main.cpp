@@ -179,7 +179,14 @@ public:
         const auto start = Clock::now();
         for (unsigned i = 0; i < concurrency; ++i)
             threads.emplace_back([&] {
-                auto client = loopd_->client();
+                std::unique_ptr<Client> client;
+                try {
+                    client = loopd_->client();
+                } catch (const std::exception& e) {
+                    std::lock_guard lock(mutex);
+                    errors.push_back(std::string("client: ") + e.what());
+                    return;
+                }
                 while (left.fetch_sub(1) > 0) {
                     const auto t0 = Clock::now();
                     try {
@@ -210,7 +217,14 @@ public:
         const auto count = held_.size();
         for (unsigned i = 0; i < concurrency; ++i)
             threads.emplace_back([&] {
-                auto client = loopd_->client();
+                std::unique_ptr<Client> client;
+                try {
+                    client = loopd_->client();
+                } catch (const std::exception& e) {
+                    std::lock_guard lock(mutex);
+                    errors.push_back(std::string("client: ") + e.what());
+                    return;
+                }
                 for (;;) {
                     Attachment a;
                     {

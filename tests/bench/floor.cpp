@@ -245,10 +245,10 @@ void Floor::resync(unsigned number)
     core::EventLedger::View view{*diskseq, false, {}};
     const auto present = kernel::existingPartitions(number);
     for (const auto& [partition, entry] : uevent::readUdevDatabase(number)) {
-        if (!entry.initialized || entry.diskseq != *diskseq)
+        if (!entry.initialized)
             continue;
         if (partition == 0)
-            view.disk = true;
+            view.disk = entry.linkedDiskseq == *diskseq; // its by-diskseq link
         else if (std::find(present.begin(), present.end(), partition) != present.end())
             view.partitions.insert(partition);
     }
