@@ -101,7 +101,10 @@ def check_sandbox(pid):
     assert status["Seccomp"].strip() == "2", "no system call filter is in force"
     mounts = [line.split() for line in read_text(f"/proc/{pid}/mountinfo").splitlines()]
     options = {fields[4]: fields[5].split(",") for fields in mounts}
-    assert "ro" in options["/"], f"/ is not read-only for loopd: {options['/']}"
+    # ProtectSystem=full: the OS (/usr, /etc) is read-only; /var and /srv stay
+    # writable so Attach by path can open images read-write.
+    for path in ("/usr", "/etc"):
+        assert "ro" in options.get(path, []), f"{path} is not read-only for loopd: {options.get(path)}"
     assert "rw" in options.get("/sys/devices/virtual/block", []), \
         "/sys/devices/virtual/block is not writable for loopd (lost-event triggers)"
     assert os.path.exists(f"/proc/{pid}/root/run/udev/control"), "loopd cannot see udevd"
