@@ -267,8 +267,10 @@ class Results:
         out = {
             "n": len(samples), "errors": len(samples) - len(ok), "early": len(early),
             "early_example": early[0]["not_ready"] if early else "",
+            "early_disk_ready": sum(1 for s in early if s.get("disk_ready")),
             "error_example": next((s["error"] for s in samples if "error" in s), ""),
             "not_released": sum(1 for s in ok if "not_released" in s),
+            "released_example": next((s["not_released"] for s in ok if "not_released" in s), ""),
             "median": median(attach), "p90": percentile(attach, 0.9), "p99": percentile(attach, 0.99),
             "detach_median": median(detach),
             "cycles_per_s": len(ok) / wall if wall > 0 else float("nan"),
@@ -418,6 +420,18 @@ def markdown(results, plan, many, meta):
     for name in CONTENDERS:
         for c in plan:
             s = results.summary(name, c)
+            if s and s["not_released"]:
+                notes.append(f"{name} (clients {c}): after {s['not_released']} detach replies the attachment was "
+                             f"not released yet, e.g. \"{s['released_example']}\".")
+    for name in CONTENDERS:
+        for c in plan:
+            s = results.summary(name, c)
+            if s and s["early"] and s["early_disk_ready"] == s["early"]:
+                notes.append(f"{name} (clients {c}): in all {s['early']} early replies the disk itself was "
+                             "ready; what was missing were partitions.")
+    for name in CONTENDERS:
+        for c in plan:
+            s = results.summary(name, c)
             if s and s["errors"]:
                 notes.append(f"{name} (clients {c}): {s['errors']} failed cycles, e.g. \"{s['error_example']}\"")
     lines += notes + ([""] if notes else [])
@@ -531,7 +545,6 @@ def plot(results, plan, path, tmp):
 
 
 def parse_args():
-    here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", default=os.path.join(harness.LOOPD_SRC, "build"), help="meson build directory")
     ap.add_argument("--quick", action="store_true", help="few samples: a smoke run of the whole benchmark")
@@ -542,11 +555,14 @@ def parse_args():
     ap.add_argument("--hold-no-partscan", action="store_true", help="hold devices without partitions")
     ap.add_argument("--markdown", help="also write the tables here")
     ap.add_argument("--json", help="write every sample here")
-    ap.add_argument("--plot", default=os.path.join(here, "attach_latency.png"), help="PNG to write")
+    ap.add_argument("--plot", help="PNG to write (default: BUILD/bench/attach_latency.png)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--wrap-loopd", help="profile: run loopd under this command, e.g. "
                     "'strace -f -tt -T -o /tmp/loopd.strace' or 'perf record -g -o /tmp/loopd.perf --'")
     args = ap.parse_args()
+    if args.plot is None:
+        os.makedirs(os.path.join(args.build, "bench"), exist_ok=True)
+        args.plot = os.path.join(args.build, "bench", "attach_latency.png")
     args.contenders = [c for c in args.contenders.split(",") if c]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.many_latency = (10, 3) if not args.quick else (5, 1)
