@@ -102,6 +102,8 @@ REGISTRY = {
     "client-vanished-cancel": ready(3, 2, [1]) + ready(3, 2, [1]) + cancel(1) + attach_events(3, 2, [1]) + cancel(2),
     "kernel-readiness": ready(1, 6, [1, 2], source=KERNEL) + event(ADD, 1, 1, 6, KERNEL, shuffled=True)
     + event(ADD, 1, 2, 6, KERNEL, synth=True) + event(CHANGE, 1, 0, 6, KERNEL),
+    "detach-remove-events-missing": ready(2, 3, [1, 2]) + attach_events(2, 3, [1, 2])
+    + released(2, 3, [1, 2], nudge=2) + event(REMOVE, 2, 1, 3) + time(3) + nudges(1) + event(REMOVE, 2, 2, 3),
     "detach-without-partitions": ready(0, 1, []) + event(CHANGE, 0, 0, 1) + released(0, 1, []),
     "raw-kernel-attach": ready(3, 4, [1, 2], source=KERNEL) + raw("change", 3, 0, 4) + raw("add", 3, 1, 4)
     + raw("add", 3, 2, 4),

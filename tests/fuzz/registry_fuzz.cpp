@@ -287,12 +287,15 @@ private:
         check(registry_.resync(number, source, snapshot), Scope{{}, number, false});
     }
 
+    // A request waiting past its nudge time is reported, one per device: for Ready
+    // the disk and partitions whose events are missing, for Released the partitions
+    // whose remove events are missing (still present at the watch's diskseq).
     void nudges(Reader& in)
     {
         const auto retry = std::chrono::seconds(in.byte() % 8 + 1);
         std::map<unsigned, std::vector<RequestId>> due;
         for (const auto& [id, p] : pending_)
-            if (p.goal == Goal::Ready && p.nudgeAt && *p.nudgeAt <= now_)
+            if (p.nudgeAt && *p.nudgeAt <= now_)
                 due[p.watch.number].push_back(id);
         const auto out = registry_.nudges(now_, retry);
         FUZZ_CHECK(out.size() == due.size(), "%zu nudges for %zu devices with requests due", out.size(), due.size());
@@ -300,20 +303,27 @@ private:
             const auto it = due.find(nudge.watch.number);
             FUZZ_CHECK(it != due.end(), "nudge for loop%u, which has no request due", nudge.watch.number);
             FUZZ_CHECK(std::any_of(it->second.begin(), it->second.end(),
-                                   [&](RequestId id) { return sameWatch(pending_.at(id).watch, nudge.watch); }),
-                       "nudge for loop%u names no watch due there", nudge.watch.number);
+                                   [&](RequestId id) {
+                                       const auto& p = pending_.at(id);
+                                       return p.goal == nudge.goal && sameWatch(p.watch, nudge.watch);
+                                   }),
+                       "nudge for loop%u names no request due there", nudge.watch.number);
             const auto view = reference_.view(nudge.watch.number, nudge.watch.source);
             const bool current = view.diskseq == nudge.watch.diskseq;
-            FUZZ_CHECK(nudge.disk == (!current || !view.disk), "loop%u: nudge.disk wrong", nudge.watch.number);
+            const bool ready = nudge.goal == Goal::Ready;
+            FUZZ_CHECK(nudge.disk == (ready && (!current || !view.disk)), "loop%u: nudge.disk wrong",
+                       nudge.watch.number);
             std::vector<unsigned> missing;
-            for (const auto p : nudge.watch.partitions)
-                if (!current || view.partitions.count(p) == 0)
+            for (const auto p : nudge.watch.partitions) {
+                const bool there = current && view.partitions.count(p) != 0;
+                if (ready ? !there : there)
                     missing.push_back(p);
+            }
             FUZZ_CHECK(nudge.partitions == missing, "loop%u: nudge names the wrong partitions", nudge.watch.number);
             due.erase(it);
         }
         for (auto& [id, p] : pending_)
-            if (p.goal == Goal::Ready && p.nudgeAt && *p.nudgeAt <= now_)
+            if (p.nudgeAt && *p.nudgeAt <= now_)
                 p.nudgeAt = now_ + retry;
     }
 
