@@ -38,7 +38,7 @@ std::vector<Nudge> Registry::nudges(Clock::time_point now, Clock::duration retry
         const auto& watch = request.watch;
         const auto& view = ledger_.view(watch.number, watch.source);
         const bool current = view.diskseq == watch.diskseq;
-        Nudge nudge{request.goal, watch, false, {}};
+        Nudge nudge{request.goal, watch, ++request.nudges, false, {}};
         if (request.goal == Goal::Ready)
             nudge.disk = !current || !view.disk;
         for (const auto p : watch.partitions)
@@ -121,8 +121,9 @@ std::optional<Outcome::Kind> Registry::evaluate(const Request& request) const
     const auto& view = ledger_.view(watch.number, watch.source);
 
     if (request.goal == Goal::Released) {
-        // Detach events still carry the old diskseq: the partitions' remove events
-        // say the kernel let go of them. A newer attachment implies the same.
+        // The partitions' remove events say the kernel let go of them. They carry
+        // the old diskseq on 6.18 and the next one on 6.1 (measured under qemu,
+        // kernel matrix): a newer diskseq on the device implies the same.
         if (ledger_.newestDiskseq(watch.number) > watch.diskseq)
             return Outcome::Kind::Released;
         const bool anyLeft = std::any_of(watch.partitions.begin(), watch.partitions.end(),

@@ -30,6 +30,7 @@ enum class Goal { Ready, Released };
 struct Nudge {
     Goal goal = Goal::Ready; // Released: the remove events are missing; re-read instead
     Watch watch;
+    unsigned attempt = 1; // 1 for a request's first nudge, 2 for the next...
     bool disk = false;                // the disk's event is missing
     std::vector<unsigned> partitions; // these partitions' events are missing
 };
@@ -73,6 +74,7 @@ private:
         Watch watch;
         Clock::time_point deadline;
         std::optional<Clock::time_point> nudgeAt;
+        unsigned nudges = 0;
     };
     std::vector<Outcome> reevaluate(unsigned number);
 

@@ -256,6 +256,16 @@ bool detach(UniqueFd& lockFd, const DeviceInfo& info)
     return releasedSoon(info);
 }
 
+void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
+{
+    lockFd.reset();
+    try {
+        releasedSoon(info);
+    } catch (const std::exception& e) {
+        spdlog::debug("dev={} after letting go: {}", kernel::loopDevNode(info.number), e.what());
+    }
+}
+
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
 {
     try {
@@ -293,8 +303,9 @@ void releaseDevice(int fd, unsigned number)
 
 } // namespace
 
-std::optional<UniqueFd> reopenOwned(const core::Record& record)
+std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
 {
+    readded = false;
     const auto& info = record.info;
     auto fd = openIfStill(info.number, info.diskseq);
     if (!fd)
@@ -304,9 +315,11 @@ std::optional<UniqueFd> reopenOwned(const core::Record& record)
         return std::nullopt;
     kernel::lockFd(fd->get(), LOCK_SH);
     const auto present = kernel::existingPartitions(info.number);
-    if (info.partscan && present.size() < info.partitions.size())
+    if (info.partscan && present.size() < info.partitions.size()) {
         for (const auto& spec : kernel::probePartitions(fd->get()))
             kernel::addPartition(fd->get(), spec);
+        readded = true;
+    }
     return fd;
 }
 

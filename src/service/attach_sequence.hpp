@@ -44,12 +44,16 @@ bool detach(UniqueFd& lockFd, const DeviceInfo& info);
 // Undoes a failed attach: the same as detach, but best effort.
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
 
+// Closes loopd's fd of a device someone else detached (`losetup -d` only marked it
+// for release at its last close) and waits briefly for the release.
+void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
+
 // ---- after a restart (see Daemon::recover) ----
 
 // Reopens an owned device of a record if it is still that attachment (same
 // diskseq, same backing file) and locks it; re-adds partitions that someone's
 // close-after-write wiped while no loopd held the lock. nullopt if it is gone.
-std::optional<UniqueFd> reopenOwned(const core::Record& record);
+std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded);
 
 // Clears the device of a record that never became ready (or was being detached)
 // if it is still that attachment.

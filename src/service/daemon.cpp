@@ -7,9 +7,11 @@
 
 #include <loopd/error.hpp>
 
+#include <poll.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -30,6 +32,9 @@ constexpr auto releaseTimeout = 10s;
 // again (kernels 5.19-6.14 drop some loop uevents; sockets drop them under load).
 // Readiness takes ~10 ms here, so a second means something was lost.
 constexpr auto nudgeAfter = 1s;
+// The nudge (counted from 1, a second apart) at which loopd also re-triggers what
+// udev still lacks though the kernel announced it: udev may have lost it.
+constexpr unsigned lastResortAttempt = 3;
 // How often udevd is checked for life (ReadinessSource follows it).
 constexpr auto housekeepingInterval = 1s;
 // How often owned devices are checked for a foreign `losetup -d` that the node
@@ -126,6 +131,7 @@ Daemon::Daemon(DaemonConfig config)
     loop_.setOnBus([] {}); // prepare() drains the bus every iteration
 
     recover();
+    awaitReadded();
     udevSeen_ = uevent::udevRunning();
     if (config_.drops.any())
         spdlog::warn("test fault injection is on: udev events are dropped on purpose");
@@ -247,6 +253,9 @@ void Daemon::settle(const std::vector<core::Outcome>& outcomes)
                 abandonAttach(id, Errc::Timeout, "was not ready in time; it was detached again", true);
         } else if (detaches_.count(id)) {
             detachConfirmed(id, outcome.kind == Kind::TimedOut);
+        } else if (adopting_.erase(id)) {
+            if (outcome.kind != Kind::Ready)
+                spdlog::warn("re-added partitions of dev=loop{} not confirmed by udev", outcome.watch.number);
         } else if (auto waiter = waiters_.extract(id)) {
             auto& [result, diskseq] = waiter.mapped();
             const auto it = devices_.find(diskseq);
@@ -299,6 +308,37 @@ void Daemon::recover()
     }
 }
 
+// Start-up: adopted devices whose partitions a crash cost (udev's BLKRRPART after
+// the crash closed loopd's writable fd) had them re-added; they are listed only
+// ready, so wait here, before the name is owned, until udev has processed them.
+void Daemon::awaitReadded()
+{
+    if (readded_.empty())
+        return;
+    const auto deadline = core::Clock::now() + 5s;
+    std::set<core::RequestId> waiting;
+    for (const auto diskseq : readded_) {
+        const auto id = nextId_++;
+        waiting.insert(id);
+        adopting_.insert(id);
+        settle(registry_.expect(id, core::Goal::Ready, devices_.at(diskseq).watch(), deadline));
+    }
+    auto pending = [&] {
+        return std::any_of(waiting.begin(), waiting.end(), [&](auto id) { return adopting_.count(id) != 0; });
+    };
+    std::array<pollfd, 2> fds{pollfd{udevMonitor_.fd(), POLLIN, 0}, pollfd{kernelMonitor_.fd(), POLLIN, 0}};
+    while (pending()) {
+        for (const auto diskseq : readded_)
+            resync(devices_.at(diskseq).info.number);
+        if (!pending() || ::poll(fds.data(), fds.size(), 100) < 0)
+            break;
+        onUevents(udevMonitor_);
+        onUevents(kernelMonitor_);
+        settle(registry_.onTime(core::Clock::now()));
+    }
+    readded_.clear();
+}
+
 // Adopts an owned device, or releases it when it cannot be adopted (a device loopd
 // owned but does not list would be an orphan). True when adopted.
 bool Daemon::adoptOrRelease(const core::Record& record)
@@ -319,7 +359,9 @@ bool Daemon::adoptOrRelease(const core::Record& record)
 
 bool Daemon::adopt(const core::Record& record)
 {
-    auto fd = reopenOwned(record);
+    const auto before = realtimeUsec();
+    bool readded = false;
+    auto fd = reopenOwned(record, readded);
     if (!fd) {
         spdlog::info("not adopting dev={}: released or replaced while loopd was not running", describe(record.info));
         records_.remove(record);
@@ -339,6 +381,10 @@ bool Daemon::adopt(const core::Record& record)
     const auto diskseq = record.info.diskseq;
     auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
     numbers_[stored.info.number] = diskseq;
+    if (readded) {
+        stored.startedUsec = before;
+        readded_.push_back(diskseq);
+    }
     if (!record.ref.empty())
         refs_.insert(record.ref);
     linkRef(stored);
@@ -383,18 +429,19 @@ void Daemon::resyncAll()
 }
 
 // Loop thread: sysfs and /run/udev reads, no waiting.
-void Daemon::resync(unsigned number)
+void Daemon::resync(unsigned number, bool kernelToo)
 {
     const auto diskseq = kernel::sysfsDiskseq(number);
     if (!diskseq)
         return;
     const auto partitions = kernel::existingPartitions(number);
     core::EventLedger::View kernelView{*diskseq, true, {partitions.begin(), partitions.end()}};
-    settle(registry_.resync(number, EventSource::Kernel, kernelView));
+    if (kernelToo)
+        settle(registry_.resync(number, EventSource::Kernel, kernelView));
 
     // udev's database keeps no DISKSEQ: the disk's by-diskseq link says which
     // attachment udev processed it for, and a partition entry counts only if udev
-    // initialized it after the attach began (older ones are of an earlier attachment).
+    // wrote it after the attach began (older ones are of an earlier attachment).
     const auto owned = numbers_.find(number);
     const auto since = owned == numbers_.end() ? UINT64_MAX : devices_.at(owned->second).startedUsec;
     core::EventLedger::View udevView{*diskseq, false, {}};
@@ -403,7 +450,7 @@ void Daemon::resync(unsigned number)
             continue;
         if (partition == 0)
             udevView.disk = entry.linkedDiskseq == *diskseq;
-        else if (kernelView.partitions.count(partition) && entry.initializedUsec >= since)
+        else if (kernelView.partitions.count(partition) && entry.processedRealtimeUsec >= since)
             udevView.partitions.insert(partition);
     }
     settle(registry_.resync(number, EventSource::Udev, udevView));
@@ -488,30 +535,56 @@ void Daemon::watchNode(const Device& device)
 
 // Asks the kernel to resend the events an attach still misses (worker: sysfs
 // writes make the kernel emit uevents synchronously).
+// An attach (or detach) waited a grace period for its events. What udev did may
+// have been lost on our socket: read its database. What the kernel never sent
+// (5.19-6.14 drop some loop uevents) is asked for again with a synthetic "change".
+// A kernel event that came while udev's is still missing only means udev is
+// slow: triggering more would flood it (seen under qemu: 158 triggers for one
+// 32-partition attach).
 void Daemon::nudge(const core::Nudge& due)
 {
+    const auto number = due.watch.number;
+    const auto node = kernel::loopDevNode(number);
     if (due.goal == core::Goal::Released) {
-        // Remove events cannot be asked for again: what they would say is in sysfs
-        // and udev's database.
-        spdlog::info("remove events missing dev={} diskseq={}: re-enumerating", kernel::loopDevNode(due.watch.number),
-                     due.watch.diskseq);
-        return resync(due.watch.number);
+        // Remove events cannot be asked for again; sysfs and udev know the outcome.
+        spdlog::info("remove events missing dev={} diskseq={}: re-enumerating", node, due.watch.diskseq);
+        return resync(number);
     }
-    const auto uuid = makeUuid();
-    std::string missing = due.disk ? "disk" : "";
-    for (const auto p : due.partitions)
-        missing += (missing.empty() ? "p" : ",p") + std::to_string(p);
-    spdlog::info("synthetic trigger dev={} diskseq={} uuid={} missing={}", kernel::loopDevNode(due.watch.number),
-                 due.watch.diskseq, uuid, missing);
-    workers_.submit([due, uuid] {
-        try {
-            if (due.disk)
-                kernel::triggerChange(due.watch.number, 0, uuid);
+    const auto& kernelView = registry_.ledger().view(number, EventSource::Kernel);
+    const bool current = kernelView.diskseq == due.watch.diskseq;
+    bool disk = !current || !kernelView.disk;
+    std::vector<unsigned> partitions;
+    for (const auto p : due.watch.partitions)
+        if (!current || kernelView.partitions.count(p) == 0)
+            partitions.push_back(p);
+    if (due.watch.source == EventSource::Udev) {
+        spdlog::info("events missing dev={} diskseq={}: re-enumerating udev's database", node, due.watch.diskseq);
+        resync(number, false);
+        // Once, after a few seconds with udev still short of something the kernel
+        // did announce: ask for exactly what udev lacks.
+        if (due.attempt == lastResortAttempt) {
+            disk = disk || due.disk;
             for (const auto p : due.partitions)
-                kernel::triggerChange(due.watch.number, p, uuid);
+                if (std::find(partitions.begin(), partitions.end(), p) == partitions.end())
+                    partitions.push_back(p);
+        }
+    }
+    if (!disk && partitions.empty())
+        return;
+    const auto uuid = makeUuid();
+    std::string missing = disk ? "disk" : "";
+    for (const auto p : partitions)
+        missing += (missing.empty() ? "p" : ",p") + std::to_string(p);
+    spdlog::info("synthetic trigger dev={} diskseq={} uuid={} missing={}", node, due.watch.diskseq, uuid, missing);
+    workers_.submit([number, disk, partitions, uuid] {
+        try {
+            if (disk)
+                kernel::triggerChange(number, 0, uuid);
+            for (const auto p : partitions)
+                kernel::triggerChange(number, p, uuid);
         } catch (const std::exception& e) {
             // The partition may be gone for a moment (double scan); the next nudge retries.
-            spdlog::debug("synthetic trigger dev={} failed: {}", kernel::loopDevNode(due.watch.number), e.what());
+            spdlog::debug("synthetic trigger dev={} failed: {}", kernel::loopDevNode(number), e.what());
         }
         return WorkerPool::Continuation([] {});
     });
@@ -571,7 +644,8 @@ void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::
     record.lifetime = options.lifetime;
     record.owner = sender;
     attaches_.emplace(id, PendingAttach{std::move(result), sender, std::move(what), std::move(source),
-                                        std::move(options), events, deadline, 0, 0, now, false, std::move(record)});
+                                        std::move(options), events, deadline, 0, 0, now, realtimeUsec(), false,
+                                        std::move(record)});
     const auto denied = "attaching " + attaches_.at(id).what;
     authorize(sender, "org.loopd1.attach", denied, [this, id](std::exception_ptr error, Caller caller) {
         auto& job = attaches_.at(id);
@@ -714,8 +788,7 @@ void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
     device.owner = job.sender;
     device.ownerUid = job.ownerUid;
     device.record = job.record;
-    device.startedUsec = static_cast<uint64_t>(
-        std::chrono::duration_cast<std::chrono::microseconds>(job.started.time_since_epoch()).count());
+    device.startedUsec = job.startedRealtimeUsec;
     job.diskseq = diskseq;
     const auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
     numbers_[stored.info.number] = diskseq;
@@ -798,7 +871,7 @@ void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why
         if (clear)
             undo(std::move(*fd), info);
         else
-            fd->reset();
+            letGo(std::move(*fd), info);
         records_.remove(record);
         return WorkerPool::Continuation([this, id, code, message] {
             auto node = attaches_.extract(id);

@@ -59,7 +59,7 @@ private:
         uint32_t ownerUid = 0;
         State state = State::Attaching;
         core::Record record; // as kept in the record store
-        uint64_t startedUsec = 0; // CLOCK_MONOTONIC when the attach call came (0: adopted)
+        uint64_t startedUsec = 0; // CLOCK_REALTIME when the attach call came (0: adopted)
         std::unique_ptr<DeviceObject> object;
         [[nodiscard]] core::Watch watch() const;
     };
@@ -74,6 +74,7 @@ private:
         uint32_t ownerUid = 0;
         uint64_t diskseq = 0; // once configured
         core::Clock::time_point started;
+        uint64_t startedRealtimeUsec = 0;
         bool vanished = false; // the caller left the bus meanwhile
         core::Record record;
     };
@@ -93,13 +94,14 @@ private:
     void onSignal();
     void housekeeping(core::Clock::time_point now);
     void recover();
+    void awaitReadded();
     bool adopt(const core::Record& record);
     bool adoptOrRelease(const core::Record& record);
     void checkClientAlive(uint64_t diskseq, const std::string& owner);
     void exportDevice(Device& device);
     void writeRecord(const core::Record& record);
     void resyncAll();
-    void resync(unsigned number);
+    void resync(unsigned number, bool kernelToo = true);
     void checkOwned(unsigned number);
     void checkReleased(unsigned number);
     void watchNode(const Device& device);
@@ -160,6 +162,8 @@ private:
     core::Clock::time_point nextHousekeeping_{};
     core::Clock::time_point nextReleaseScan_{};
     std::map<std::string, Caller> callers_; // credentials by unique bus name, while connected
+    std::vector<uint64_t> readded_;          // adopted at start-up with partitions re-added
+    std::set<core::RequestId> adopting_;     // their readiness requests
 };
 
 } // namespace loopd::service

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstring>
 #include <ctime>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <spdlog/spdlog.h>
 #include <string_view>
 #include <system_error>
@@ -76,12 +78,6 @@ bool Monitor::dropped(const Uevent& event)
 
 namespace {
 
-uint64_t monotonicUsec()
-{
-    timespec now{};
-    ::clock_gettime(CLOCK_MONOTONIC, &now);
-    return static_cast<uint64_t>(now.tv_sec) * 1'000'000 + static_cast<uint64_t>(now.tv_nsec) / 1000;
-}
 
 UdevEntry readEntry(udev_device* device)
 {
@@ -90,8 +86,15 @@ UdevEntry readEntry(udev_device* device)
         udev_device_get_is_initialized(device) > 0 && !udev_device_get_property_value(device, "ID_PROCESSING");
     if (!entry.initialized)
         return entry;
-    const uint64_t now = monotonicUsec();
-    entry.initializedUsec = now - std::min<uint64_t>(now, udev_device_get_usec_since_initialized(device));
+    // The database file is rewritten each time udev processes the device; its
+    // USEC_INITIALIZED is not (udev carries it over from an earlier device with the
+    // same number). The file's change time says when udev last finished with it.
+    const auto devnum = udev_device_get_devnum(device);
+    const auto path = "/run/udev/data/b" + std::to_string(major(devnum)) + ":" + std::to_string(minor(devnum));
+    struct stat st{};
+    if (::stat(path.c_str(), &st) == 0)
+        entry.processedRealtimeUsec =
+            static_cast<uint64_t>(st.st_ctim.tv_sec) * 1'000'000 + static_cast<uint64_t>(st.st_ctim.tv_nsec) / 1000;
     constexpr std::string_view prefix = "/dev/disk/by-diskseq/";
     udev_list_entry* link;
     udev_list_entry_foreach(link, udev_device_get_devlinks_list_entry(device))

@@ -69,9 +69,10 @@ struct UdevEntry {
     // disk/by-diskseq/N link (the database keeps no DISKSEQ; libudev's property
     // comes from sysfs, i.e. is always the current one). 0 for partitions.
     uint64_t linkedDiskseq = 0;
-    // When udev first processed the device (CLOCK_MONOTONIC, µs): a partition
-    // entry older than the attachment belongs to an earlier one on that number.
-    uint64_t initializedUsec = 0;
+    // When udev last finished processing the device (CLOCK_REALTIME, µs, from its
+    // database file): a partition entry older than the attachment belongs to an
+    // earlier one on that number.
+    uint64_t processedRealtimeUsec = 0;
 };
 // loopN (partition 0) and its partitions that have a udev database entry, read
 // from /run/udev/data: for re-enumeration after lost events.
