@@ -105,7 +105,7 @@ core::Watch Daemon::Device::watch() const
 Daemon::Daemon(DaemonConfig config)
     // Subscribe before anything else, so no event of an attachment can pass unseen.
     : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
-      kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes), connection_(sdbus::createSystemBusConnection()),
+      kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes, config_.kernelDrops), connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
       polkitProxy_(
           sdbus::createProxy(*connection_, "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority")),
@@ -133,7 +133,7 @@ Daemon::Daemon(DaemonConfig config)
     recover();
     awaitReadded();
     udevSeen_ = uevent::udevRunning();
-    if (config_.drops.any())
+    if (config_.drops.any() || config_.kernelDrops.any())
         spdlog::warn("test fault injection is on: udev events are dropped on purpose");
 
     // Last: with Type=dbus, owning the name is what tells systemd loopd is up.

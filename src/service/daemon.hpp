@@ -26,7 +26,8 @@ namespace loopd::service {
 
 struct DaemonConfig {
     int receiveBufferBytes = 128 * 1024 * 1024;
-    uevent::DropRules drops; // test-only fault injection
+    uevent::DropRules drops;       // test-only fault injection: udev's events
+    uevent::DropRules kernelDrops; // and the kernel's
     unsigned workers = 4;
     std::string runtimeDir = "/run/loopd";
 };

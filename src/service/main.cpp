@@ -29,13 +29,18 @@ int main(int argc, char** argv)
     std::vector<std::string> dropRules;
     app.add_option("--test-drop", dropRules,
                    "TESTS ONLY: drop udev events on purpose: 'disk' or 'partN' (the first of each attachment), "
-                   "'random:P' (each with probability P)");
+                   "'random:P' (each with probability P); prefixed 'kernel:', the kernel's events instead");
     app.add_option("--test-seed", config.drops.seed, "TESTS ONLY: seed for --test-drop random:P");
     app.set_version_flag("--version", LOOPD_VERSION);
     CLI11_PARSE(app, argc, argv);
     try {
-        for (const auto& rule : dropRules)
-            config.drops.add(rule);
+        for (const auto& rule : dropRules) {
+            if (rule.rfind("kernel:", 0) == 0)
+                config.kernelDrops.add(rule.substr(7));
+            else
+                config.drops.add(rule);
+        }
+        config.kernelDrops.seed = config.drops.seed;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "--test-drop: %s\n", e.what());
         return 2;

@@ -62,7 +62,7 @@ void DropRules::add(const std::string& rule)
 
 bool Monitor::dropped(const Uevent& event)
 {
-    if (source_ != EventSource::Udev || !drops_.any())
+    if (!drops_.any())
         return false;
     if (drops_.probability > 0 && std::uniform_real_distribution<double>(0, 1)(random_) < drops_.probability)
         return true;

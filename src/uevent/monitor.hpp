@@ -19,8 +19,8 @@ struct udev_monitor;
 // loop thread: receive() never blocks.
 namespace loopd::uevent {
 
-// Test-only fault injection: udev-processed events the monitor drops as if the
-// socket had lost them, so tests reach the recovery paths on purpose.
+// Test-only fault injection: events the monitor drops as if the socket had lost
+// them, so tests reach the recovery paths on purpose. Each monitor has its own.
 struct DropRules {
     bool firstDiskEvent = false;               // the first disk event of every diskseq
     std::set<unsigned> firstPartitionEvent;    // the first event of partition N of every diskseq

@@ -255,6 +255,28 @@ def test_dropped_partition2_event(env):
     attach_with_dropped_event(env, "part2", ["gpt3", "mbr2"])
 
 
+def test_event_the_kernel_never_sent_is_triggered_again(env):
+    """The kernel's and udev's first event of partition 2 both lost (as when a
+    kernel 5.19-6.14 drops a loop uevent, so udev never sees it): loopd writes a
+    synthetic change for exactly that partition and the attach completes ready."""
+    env.restart_loopd(kill=False, loopd_args=["--test-drop", "part2", "--test-drop", "kernel:part2"])
+    image = env.image("gpt3")
+    reply = pydbus_attach(image.path)
+    try:
+        verify_reply(reply, image)
+        triggers = [line for line in loopd_log(env).splitlines()
+                    if "synthetic trigger" in line and f"dev={reply['devnode']} " in line
+                    and f"diskseq={reply['diskseq']} " in line]
+        assert triggers, f"no synthetic trigger for {reply['devnode']} (diskseq {reply['diskseq']})"
+        assert all("missing=p2" in line for line in triggers), f"triggered more than p2: {triggers}"
+        busctl_detach(reply["diskseq"])
+        reply["detached"] = True
+        verify_detached(reply["devnode"], reply["diskseq"])
+    finally:
+        if not reply.get("detached"):
+            detach_quietly(reply["diskseq"])
+
+
 # --------------------------------------------------------------------------- foreign detach
 
 def test_losetup_detach_and_reattach_over_freed_number(env):
