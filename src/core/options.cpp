@@ -30,6 +30,22 @@ const T& expect(const std::string& key, const OptionValue& value, const char* si
     throw Error(Errc::InvalidArgument, "option '" + key + "': " + why);
 }
 
+// The refused value as ASCII, to quote in a message: D-Bus strings must be valid
+// UTF-8, and a cut (or any) byte sequence from the caller need not be.
+std::string printable(const std::string& value)
+{
+    std::string out;
+    for (const unsigned char c : value) {
+        if (c >= 0x20 && c < 0x7f && c != '\\') {
+            out += static_cast<char>(c);
+        } else {
+            static const char hex[] = "0123456789abcdef";
+            out += {'\\', 'x', hex[c >> 4], hex[c & 15]};
+        }
+    }
+    return out;
+}
+
 uint64_t multipleOf512(const std::string& key, uint64_t bytes)
 {
     if (bytes % 512 != 0)
@@ -67,7 +83,7 @@ const std::map<std::string, Setter, std::less<>>& attachSetters()
          [](auto& o, auto& k, auto& v) {
              const auto& s = expect<std::string>(k, v, "s");
              if (!isValidRef(s))
-                 badValue(k, "'" + s.substr(0, 80) + "' is not 1 to 63 printable bytes without '/'");
+                 badValue(k, "'" + printable(s.substr(0, 80)) + "' is not 1 to 63 printable bytes without '/'");
              o.ref = s;
          }},
         {"timeout-usec",

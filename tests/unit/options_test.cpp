@@ -100,3 +100,11 @@ TEST_CASE("detach takes no options")
     CHECK_NOTHROW(parseDetachOptions({}));
     CHECK_THROWS_AS(parseDetachOptions({{"force", true}}), Error);
 }
+
+TEST_CASE("a refused ref is quoted as ASCII, so the error is a valid D-Bus string")
+{
+    const auto message = messageOf({{"ref", std::string(79, 'r') + "\xc3\xa9"}});
+    CHECK(message.find("\\xc3") != std::string::npos);
+    for (const unsigned char c : message)
+        CHECK(c < 0x80);
+}
