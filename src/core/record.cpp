@@ -33,6 +33,11 @@ std::optional<Record::State> parseState(const std::string& name)
 
 } // namespace
 
+std::string loFileName(const std::string& ref, const std::string& token)
+{
+    return ref.empty() ? "loopd:" + token : ref;
+}
+
 std::string serialize(const Record& r)
 {
     const auto& i = r.info;

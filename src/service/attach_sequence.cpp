@@ -227,11 +227,9 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
     info.number = configured.number;
     info.diskseq = configured.diskseq;
     try {
-        const auto intent = record;
         record.state = core::Record::State::Configured;
         record.info = info;
-        records.write(record);
-        records.remove(intent);
+        records.write(record); // the same file: the intent becomes the configured record
         readBack(attached.lockFd.get(), backing, info);
         if (options.partscan)
             addPartitions(attached.lockFd.get(), info);

@@ -65,12 +65,14 @@ private:
     Handlers& handlers_;
 };
 
-// Everything a Device object shows, fixed once it is ready.
+// Everything a Device object shows, fixed once it is ready. The references are
+// into the daemon's own record of the device, which outlives the object and does
+// not move (a std::map node): one copy per device, not two.
 struct DeviceProperties {
-    DeviceInfo info;
-    std::string ref;
+    const DeviceInfo& info;
+    const std::string& ref;
     uint32_t ownerUid = 0;
-    std::string lifetime;
+    const char* lifetime = "";
     uint64_t readyTimestamp = 0;
 };
 

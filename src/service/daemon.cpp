@@ -102,6 +102,21 @@ core::Watch Daemon::Device::watch() const
     return core::Watch{info.diskseq, info.number, info.partitions, source};
 }
 
+core::Record Daemon::Device::record(core::Record::State state) const
+{
+    core::Record r;
+    r.state = state;
+    r.token = token;
+    r.fileName = core::loFileName(options.ref, token);
+    r.info = info;
+    r.ref = options.ref;
+    r.lifetime = options.lifetime;
+    r.owner = owner;
+    r.ownerUid = ownerUid;
+    r.readyTimestamp = readyTimestamp;
+    return r;
+}
+
 Daemon::Daemon(DaemonConfig config)
     // Subscribe before anything else, so no event of an attachment can pass unseen.
     : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
@@ -158,6 +173,13 @@ EventLoop::Wait Daemon::prepare()
     while (connection_->processPendingRequest()) {
     }
     const auto now = core::Clock::now();
+    // Before a request times out or is nudged, read what the sockets already hold:
+    // a loaded loop lags behind them (seen under qemu TCG: partition events queued
+    // for over a second made loopd trigger events the kernel had long sent).
+    if (const auto next = registry_.nextDeadline(); next && *next <= now) {
+        onUevents(udevMonitor_);
+        onUevents(kernelMonitor_);
+    }
     settle(registry_.onTime(now));
     for (const auto& due : registry_.nudges(now, nudgeAfter))
         nudge(due);
@@ -377,7 +399,8 @@ bool Daemon::adopt(const core::Record& record)
     device.owner = record.owner;
     device.ownerUid = record.ownerUid;
     device.state = State::Ready;
-    device.record = record;
+    device.token = record.token;
+    device.readyTimestamp = record.readyTimestamp;
     const auto diskseq = record.info.diskseq;
     auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
     numbers_[stored.info.number] = diskseq;
@@ -637,9 +660,7 @@ void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::
     const auto deadline = now + options.timeout;
     core::Record record;
     record.token = makeUuid();
-    // The ref is the device's name for humans; without one, the token lets a
-    // restart recognise a device a crash left between LOOP_CONFIGURE and its record.
-    record.fileName = options.ref.empty() ? "loopd:" + record.token : options.ref;
+    record.fileName = core::loFileName(options.ref, record.token);
     record.ref = options.ref;
     record.lifetime = options.lifetime;
     record.owner = sender;
@@ -787,7 +808,7 @@ void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
     device.source = job.events;
     device.owner = job.sender;
     device.ownerUid = job.ownerUid;
-    device.record = job.record;
+    device.token = job.record.token;
     device.startedUsec = job.startedRealtimeUsec;
     job.diskseq = diskseq;
     const auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
@@ -812,10 +833,8 @@ void Daemon::attachReady(core::RequestId id)
     auto& job = node.mapped();
     auto& device = devices_.at(job.diskseq);
     device.state = State::Ready;
-    device.record.state = core::Record::State::Owned;
-    device.record.info = device.info;
-    device.record.readyTimestamp = realtimeUsec();
-    writeRecord(device.record);
+    device.readyTimestamp = realtimeUsec();
+    writeRecord(device.record(core::Record::State::Owned));
     exportDevice(device);
     replyReady(job.result, device);
     manager_->devicesChanged();
@@ -832,14 +851,14 @@ void Daemon::exportDevice(Device& device)
         device.object = std::make_unique<DeviceObject>(
             *connection_,
             DeviceProperties{device.info, device.options.ref, device.ownerUid, lifetimeName(device.options.lifetime),
-                             device.record.readyTimestamp},
+                             device.readyTimestamp},
             *this);
     } catch (const sdbus::Error& e) {
         spdlog::error("cannot export device object diskseq={}: {}", device.info.diskseq, e.getMessage());
     }
 }
 
-// Loop thread: a small file on tmpfs, written and renamed without waiting on a disk.
+// Loop thread: one page rewritten in place in the page cache (see RecordStore).
 void Daemon::writeRecord(const core::Record& record)
 {
     try {
@@ -867,7 +886,7 @@ void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why
     auto& device = devices_.at(job.diskseq);
     device.state = State::Detaching;
     const auto message = describe(device.info) + " for " + job.what + ": " + why;
-    workers_.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info, record = device.record] {
+    workers_.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info, record = device.record(core::Record::State::Configured)] {
         if (clear)
             undo(std::move(*fd), info);
         else
@@ -944,8 +963,7 @@ void Daemon::detachOwn(uint64_t diskseq, std::string reason)
 void Daemon::startDetach(core::RequestId id)
 {
     auto& device = devices_.at(detaches_.at(id).diskseq);
-    device.record.state = core::Record::State::Detaching;
-    writeRecord(device.record);
+    writeRecord(device.record(core::Record::State::Detaching));
     workers_.submit([this, id, fd = device.lockFd, info = device.info] {
         try {
             const bool released = service::detach(*fd, info);
@@ -963,8 +981,7 @@ void Daemon::onDetachDone(core::RequestId id, std::exception_ptr error, bool rel
     auto& device = devices_.at(pending.diskseq);
     if (error) { // nothing was changed: loopd still owns the device
         device.state = State::Ready;
-        device.record.state = core::Record::State::Owned;
-        writeRecord(device.record);
+        writeRecord(device.record(core::Record::State::Owned));
         return replyDetach(id, error);
     }
     if (!released) {
@@ -1012,7 +1029,7 @@ void Daemon::removeDevice(uint64_t diskseq, const std::string& reason)
     nodeWatch_.remove(device.info.number);
     unlinkRef(device);
     refs_.erase(device.options.ref);
-    records_.remove(device.record);
+    records_.remove(device.record(core::Record::State::Owned));
     device.object.reset(); // InterfacesRemoved
     manager_->emitDeviceRemoved(sdbus::ObjectPath(devicePath(diskseq)), diskseq, reason);
     manager_->devicesChanged();

@@ -59,10 +59,13 @@ private:
         std::string owner;
         uint32_t ownerUid = 0;
         State state = State::Attaching;
-        core::Record record; // as kept in the record store
-        uint64_t startedUsec = 0; // CLOCK_REALTIME when the attach call came (0: adopted)
+        std::string token;          // names its ownership record
+        uint64_t readyTimestamp = 0; // CLOCK_REALTIME, µs
+        uint64_t startedUsec = 0;   // CLOCK_REALTIME when the attach call came (0: adopted)
         std::unique_ptr<DeviceObject> object;
         [[nodiscard]] core::Watch watch() const;
+        // Its ownership record in the given state, made from what the device holds.
+        [[nodiscard]] core::Record record(core::Record::State state) const;
     };
     struct PendingAttach {
         AttachResult result;

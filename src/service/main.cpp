@@ -28,8 +28,9 @@ int main(int argc, char** argv)
     app.add_option("--runtime-dir", config.runtimeDir, "ownership records and by-ref links")->capture_default_str();
     std::vector<std::string> dropRules;
     app.add_option("--test-drop", dropRules,
-                   "TESTS ONLY: drop udev events on purpose: 'disk' or 'partN' (the first of each attachment), "
-                   "'random:P' (each with probability P); prefixed 'kernel:', the kernel's events instead");
+                   "TESTS ONLY: drop udev events on purpose: 'disk' or 'partN' (every add/change the kernel sent on "
+                   "its own; answers to loopd's synthetic triggers pass), 'random:P' (each with probability P); "
+                   "prefixed 'kernel:', the kernel's events instead");
     app.add_option("--test-seed", config.drops.seed, "TESTS ONLY: seed for --test-drop random:P");
     app.set_version_flag("--version", LOOPD_VERSION);
     CLI11_PARSE(app, argc, argv);

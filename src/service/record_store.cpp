@@ -1,6 +1,9 @@
 #include "record_store.hpp"
 
+#include <loopd/unique_fd.hpp>
+
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -19,20 +22,44 @@ RecordStore::RecordStore(std::string dir) : dir_(std::move(dir))
     fs::create_directories(dir_);
 }
 
+namespace {
+// The unit the kernel copies a write in; see the class comment.
+constexpr std::size_t recordPage = 4096;
+} // namespace
+
 std::string RecordStore::pathOf(const core::Record& record) const
 {
-    if (record.state == core::Record::State::Intent)
-        return dir_ + "/intent-" + record.token + ".json";
-    return dir_ + "/" + std::to_string(record.info.diskseq) + ".json";
+    return dir_ + "/" + record.token + ".json";
 }
 
 void RecordStore::write(const core::Record& record) const
 {
     const auto path = pathOf(record);
+    auto text = core::serialize(record);
+    if (text.size() >= recordPage)
+        return replace(path, text);
+    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+    if (!fd)
+        throw std::system_error(errno, std::generic_category(), "open " + path);
+    struct stat st {};
+    if (::fstat(fd.get(), &st) < 0)
+        throw std::system_error(errno, std::generic_category(), "stat " + path);
+    if (static_cast<std::size_t>(st.st_size) > recordPage) // an earlier long record: its tail would stay
+        return replace(path, text);
+    // JSON ends at the object; the spaces after it are whitespace to any parser.
+    text.resize(recordPage - 1, ' ');
+    text.push_back('\n');
+    const auto written = ::pwrite(fd.get(), text.data(), text.size(), 0);
+    if (written != static_cast<ssize_t>(text.size()))
+        throw std::system_error(written < 0 ? errno : EIO, std::generic_category(), "write " + path);
+}
+
+void RecordStore::replace(const std::string& path, const std::string& text) const
+{
     const auto temporary = path + ".tmp";
     {
         std::ofstream out(temporary, std::ios::trunc);
-        out << core::serialize(record) << std::flush;
+        out << text << std::flush;
         if (!out)
             throw std::system_error(errno, std::generic_category(), "write " + temporary);
     }

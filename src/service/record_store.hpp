@@ -7,11 +7,21 @@
 
 namespace loopd::service {
 
-// The ownership records as files: <dir>/intent-<token>.json until the diskseq is
-// known, <dir>/<diskseq>.json after. Each write replaces the file atomically
-// (temporary file + rename), so a crash leaves the old or the new record, never
-// half of one. Stateless, so workers and the loop thread may use it at once; the
-// files live on tmpfs (/run), so writes do not wait for a disk.
+// The ownership records as files, one per attachment for its whole life:
+// <dir>/<token>.json, created for the intent and rewritten in place as the
+// attachment moves on (configured, owned, detaching), removed at the end.
+//
+// Why in place: a new file per update (temporary + rename) costs an inode each
+// time, and on ext4 inode allocation scans past recently deleted inodes; that was
+// loopd's largest CPU cost (tests/bench/RESULTS.md). A record padded to one page
+// and written with one pwrite at offset 0 is all or nothing when loopd dies: the
+// kernel copies a write into the page cache page by page and checks for a fatal
+// signal only between pages. A power loss takes the loop devices with it, so
+// only loopd's own death matters. Records longer than a page (very long backing
+// file paths) fall back to temporary file + rename.
+//
+// Stateless, so workers and the loop thread may use it at once (each record has
+// one writer at a time: the step of the attachment that owns it).
 class RecordStore {
 public:
     explicit RecordStore(std::string dir);
@@ -23,6 +33,7 @@ public:
 
 private:
     [[nodiscard]] std::string pathOf(const core::Record& record) const;
+    void replace(const std::string& path, const std::string& text) const;
     std::string dir_;
 };
 

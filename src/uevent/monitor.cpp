@@ -51,9 +51,9 @@ bool udevRunning()
 void DropRules::add(const std::string& rule)
 {
     if (rule == "disk")
-        firstDiskEvent = true;
+        disk = true;
     else if (rule.rfind("part", 0) == 0 && rule.size() > 4)
-        firstPartitionEvent.insert(static_cast<unsigned>(std::stoul(rule.substr(4))));
+        partitions.insert(static_cast<unsigned>(std::stoul(rule.substr(4))));
     else if (rule.rfind("random:", 0) == 0)
         probability = std::stod(rule.substr(7));
     else
@@ -66,14 +66,8 @@ bool Monitor::dropped(const Uevent& event)
         return false;
     if (drops_.probability > 0 && std::uniform_real_distribution<double>(0, 1)(random_) < drops_.probability)
         return true;
-    const bool ruled = event.partition == 0 ? drops_.firstDiskEvent : drops_.firstPartitionEvent.count(event.partition);
-    if (!ruled || event.action == UeventAction::Remove)
-        return false;
-    auto& last = lastDropped_[{event.number, event.partition}];
-    if (last >= event.diskseq)
-        return false; // only the first of each attachment
-    last = event.diskseq;
-    return true;
+    const bool ruled = event.partition == 0 ? drops_.disk : drops_.partitions.count(event.partition) != 0;
+    return ruled && event.action != UeventAction::Remove && event.synthUuid.empty();
 }
 
 namespace {

@@ -22,14 +22,19 @@ namespace loopd::uevent {
 // Test-only fault injection: events the monitor drops as if the socket had lost
 // them, so tests reach the recovery paths on purpose. Each monitor has its own.
 struct DropRules {
-    bool firstDiskEvent = false;               // the first disk event of every diskseq
-    std::set<unsigned> firstPartitionEvent;    // the first event of partition N of every diskseq
-    double probability = 0;                    // any event, at random
+    // Every add/change event of the disk, or of partition N, that the kernel sent
+    // on its own: the answers to loopd's synthetic triggers (SYNTH_UUID) pass, so
+    // recovery stays possible. All of them, not just the first: Linux 6.1 sends two
+    // disk "change" events per LOOP_CONFIGURE (6.18: one), and dropping one of two
+    // would drop nothing that matters.
+    bool disk = false;
+    std::set<unsigned> partitions;
+    double probability = 0; // any event, at random
     unsigned seed = 0;
 
     // "disk", "partN" or "random:P"; throws std::invalid_argument otherwise.
     void add(const std::string& rule);
-    [[nodiscard]] bool any() const { return firstDiskEvent || !firstPartitionEvent.empty() || probability > 0; }
+    [[nodiscard]] bool any() const { return disk || !partitions.empty() || probability > 0; }
 };
 
 class Monitor {
@@ -57,7 +62,6 @@ private:
     udev* udev_;
     udev_monitor* monitor_;
     DropRules drops_;
-    std::map<std::pair<unsigned, unsigned>, uint64_t> lastDropped_; // (number, partition) -> diskseq
     std::minstd_rand random_;
 };
 

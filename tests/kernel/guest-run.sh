@@ -22,7 +22,7 @@ export LOOPD LOOPCTL LOOPD_SRC=$top PYTHONPATH=$top/tests/integration
 # Keep each test's temp dir so loopd's debug log (where the synthetic-trigger lines
 # are) can be copied out; this script removes the dirs right after.
 export LOOPD_TEST_KEEP=1
-export LOOPD_LOG_LEVEL=debug
+export LOOPD_LOG_LEVEL=${LOG_LEVEL:-debug}
 # systemd's tools notice the chroot (PID 1's root differs) and some refuse to work
 # ("udevadm monitor": "Running in chroot, ignoring request"); this guest is a whole
 # machine of its own, so tell them to go ahead.

@@ -1,0 +1,94 @@
+#include "service/record_store.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+using namespace loopd;
+using namespace loopd::core;
+
+namespace {
+
+struct TempDir {
+    std::string path;
+    TempDir()
+    {
+        std::string pattern = (std::filesystem::temp_directory_path() / "loopd-records-XXXXXX").string();
+        REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+        path = pattern;
+    }
+    ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+Record sample(Record::State state)
+{
+    Record r;
+    r.state = state;
+    r.token = "0f6a9e3c-1b2d-4c5e-8f70-9a1b2c3d4e5f";
+    r.fileName = loFileName("", r.token);
+    r.info.number = 3;
+    r.info.diskseq = 77;
+    r.info.backingFile = "/var/lib/images/a.img";
+    r.info.partitions = {1, 2, 3};
+    r.owner = ":1.9";
+    return r;
+}
+
+std::size_t fileCount(const std::string& dir)
+{
+    std::size_t n = 0;
+    for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(dir))
+        ++n;
+    return n;
+}
+
+} // namespace
+
+TEST_CASE("a record is one file for the attachment's whole life, rewritten in place")
+{
+    TempDir dir;
+    service::RecordStore store(dir.path);
+    auto record = sample(Record::State::Intent);
+    store.write(record);
+    struct stat first {};
+    const auto file = dir.path + "/" + record.token + ".json";
+    REQUIRE(::stat(file.c_str(), &first) == 0);
+    CHECK(first.st_size == 4096);
+
+    for (const auto state : {Record::State::Configured, Record::State::Owned, Record::State::Detaching}) {
+        record.state = state;
+        store.write(record);
+        struct stat now {};
+        REQUIRE(::stat(file.c_str(), &now) == 0);
+        CHECK(now.st_ino == first.st_ino); // no new inode per update
+        const auto all = store.loadAll();
+        REQUIRE(all.size() == 1);
+        CHECK(all[0].state == state);
+        CHECK(all[0].info.partitions == std::vector<unsigned>{1, 2, 3});
+    }
+    store.remove(record);
+    CHECK(fileCount(dir.path) == 0);
+}
+
+TEST_CASE("a record longer than a page is replaced whole, and a shorter one after it reads back clean")
+{
+    TempDir dir;
+    service::RecordStore store(dir.path);
+    auto record = sample(Record::State::Owned);
+    record.info.backingFile = "/" + std::string(5000, 'x');
+    store.write(record);
+    REQUIRE(store.loadAll().at(0).info.backingFile == record.info.backingFile);
+
+    record.info.backingFile = "/short.img";
+    record.state = Record::State::Detaching;
+    store.write(record);
+    const auto all = store.loadAll();
+    REQUIRE(all.size() == 1);
+    CHECK(all[0].info.backingFile == "/short.img");
+    CHECK(all[0].state == Record::State::Detaching);
+    CHECK(fileCount(dir.path) == 1);
+}
