@@ -59,6 +59,7 @@ private:
         std::string owner;
         uint32_t ownerUid = 0;
         State state = State::Attaching;
+        bool listed = false;        // was ready: counts in Devices until removed
         std::string token;          // names its ownership record
         uint64_t readyTimestamp = 0; // CLOCK_REALTIME, µs
         uint64_t startedUsec = 0;   // CLOCK_REALTIME when the attach call came (0: adopted)
@@ -161,6 +162,7 @@ private:
     std::map<core::RequestId, std::pair<AttachResult, uint64_t>> waiters_; // WaitReady, with diskseq
     std::set<std::string> refs_;                                           // in use or reserved
     std::map<unsigned, uint64_t> numbers_;                                 // loop number -> diskseq, owned
+    uint32_t listed_ = 0;                                                  // Devices: those with listed set
     bool stopping_ = false;
     bool udevSeen_ = false;
     core::Clock::time_point nextHousekeeping_{};

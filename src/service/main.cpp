@@ -7,6 +7,8 @@
 #include <sdbus-c++/Error.h>
 #include <spdlog/spdlog.h>
 
+#include <malloc.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -48,6 +50,11 @@ int main(int argc, char** argv)
     }
 
     loopd::service::setupLogging(logLevel);
+
+    // One malloc arena for all threads: the workers allocate little and briefly,
+    // and an arena each would keep its freed memory resident (measured: 0.3 MiB
+    // of RSS with 1000 devices, tests/bench/RESULTS.md). Before any thread starts.
+    mallopt(M_ARENA_MAX, 1);
 
     // Before any thread starts, so only the signalfd ever sees these.
     sigset_t mask;

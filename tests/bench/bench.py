@@ -36,6 +36,7 @@ import tempfile
 import time
 
 import harness  # tests/integration: private bus, udevd, loopd from the build tree
+from gpt_copies import gpt_copies
 
 CONTENDERS = ("floor", "loopd", "losetup", "udisks2")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -79,6 +80,28 @@ class BenchEnv(harness.Env):
                 f.write(text.replace("</busconfig>", extra + "</busconfig>"))
             harness.run("busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
                         "org.freedesktop.DBus", "ReloadConfig")
+
+    def _start_loopd(self):
+        # loopd's runtime dir (records, by-ref links) on tmpfs, as /run is on any
+        # systemd machine. This machine's /run lies on the root ext4, which has no
+        # journal: there every new inode makes ext4 scan past recently deleted
+        # ones (recently_deleted() in perf), a cost no production /run has.
+        run = os.path.join(self.tmp, "run")
+        if not os.path.ismount(run):
+            os.makedirs(run, exist_ok=True)
+            harness.run("mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "loopd-bench-run", run)
+        super()._start_loopd()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            # The harness's clean-up could not remove the mount point.
+            run = os.path.join(self.tmp, "run")
+            if os.path.ismount(run):
+                harness.run("umount", "--lazy", run, check=False)
+                if not os.environ.get("LOOPD_TEST_KEEP"):
+                    shutil.rmtree(self.tmp, ignore_errors=True)
 
     def ensure_udevd(self):
         """Someone else's udevd may have been stopped by its owner meanwhile."""
@@ -325,11 +348,19 @@ def many_devices_phase(env, driver, udisks, results, args):
     for _ in range(rounds):  # with none held: the baseline, just before
         for c in random.sample(("floor", "loopd"), 2):
             run_batch(env, driver, udisks, results, c, 1, cycles, phase="none-held")
+    # Distinct images (each its own sfdisk run, so its own table and partition
+    # UUIDs), as 1000 real images would be. The same image 1000 times makes every
+    # partition claim the same /dev/disk/by-partuuid links, and udev 252 then scans
+    # all claimants on each event: a udev cost that the floor pays as much.
+    images = []
+    if args.held_images == "distinct":
+        images = gpt_copies(env.image("gpt3").path, args.many, env.tmp)
+    out["held_images"] = args.held_images
     held = 0
     cpu_before = proc_cpu_seconds(pid)
     for target in sorted({t for t in (1, 100, args.many) if t <= args.many}):
         answer = driver.call(cmd="hold", count=target - held, concurrency=args.hold_concurrency,
-                             partscan=not args.hold_no_partscan)
+                             partscan=not args.hold_no_partscan, images=images)
         if answer.get("errors"):
             out.setdefault("hold_errors", []).extend(answer["errors"][:3])
         held = answer["held"]
@@ -446,7 +477,10 @@ def markdown(results, plan, many, meta):
     if many:
         rss = many["rss_kib"]
         lines.append(f"loop module max_loop={many['max_loop']}; loop devices before {many['loop_devices_before']}, "
-                     f"with {many['held']} held {many['loop_devices_with_held']} (LOOP_CTL_GET_FREE creates them).")
+                     f"with {many['held']} held {many['loop_devices_with_held']} (LOOP_CTL_GET_FREE creates them). "
+                     + ("Held devices: each its own GPT-3 image (own table and partition UUIDs)."
+                        if many.get("held_images") == "distinct" else
+                        "Held devices: all the same GPT-3 image (their partitions share by-partuuid links)."))
         lines.append("")
         lines.append("| loopd devices attached | 0 | 1 | 100 | " + f"{many['held']} | after release |")
         lines.append("|---|---:|---:|---:|---:|---:|")
@@ -553,6 +587,9 @@ def parse_args():
     ap.add_argument("--many", type=int, default=1000, help="devices held for the RSS / latency-under-load figures (0: skip)")
     ap.add_argument("--hold-concurrency", type=int, default=8)
     ap.add_argument("--hold-no-partscan", action="store_true", help="hold devices without partitions")
+    ap.add_argument("--held-images", choices=("distinct", "same"), default="distinct",
+                    help="the held devices: each its own GPT-3 image (default), or all the benchmark's image "
+                         "(their partitions then contend for the same by-partuuid links in udev)")
     ap.add_argument("--markdown", help="also write the tables here")
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--plot", help="PNG to write (default: BUILD/bench/attach_latency.png)")

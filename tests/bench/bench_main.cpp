@@ -6,7 +6,8 @@
 //
 //   loopd-bench --image PATH --partitions N [--table-uuid UUID]
 //   stdin:  {"cmd":"batch","contender":"floor|loopd|losetup|udisks2","concurrency":8,"cycles":4}
-//           {"cmd":"hold","count":100,"concurrency":4,"partscan":true}   (loopd, kept attached)
+//           {"cmd":"hold","count":100,"concurrency":4,"partscan":true}   (loopd, kept attached;
+//            "images":[paths] attaches those in turn instead of the benchmark's image)
 //           {"cmd":"release","concurrency":8}                           (detach what hold kept)
 //   stdout: one JSON object per command
 #include "contender.hpp"
@@ -169,12 +170,14 @@ json runBatch(Contender& contender, const std::string& name, unsigned concurrenc
 // figures.
 class Holder {
 public:
-    json hold(unsigned count, unsigned concurrency, bool partscan, const ImageSpec& image)
+    // Attaches count devices, the images in turn (one image: all the same).
+    json hold(unsigned count, unsigned concurrency, bool partscan, const std::vector<std::string>& images)
     {
         std::mutex mutex;
         std::vector<double> times;
         std::vector<std::string> errors;
         std::atomic<int> left{static_cast<int>(count)};
+        std::atomic<unsigned> next{static_cast<unsigned>(held_.size())};
         std::vector<std::thread> threads;
         const auto start = Clock::now();
         for (unsigned i = 0; i < concurrency; ++i)
@@ -190,7 +193,8 @@ public:
                 while (left.fetch_sub(1) > 0) {
                     const auto t0 = Clock::now();
                     try {
-                        auto a = client->attach(image.path, AttachOptions{partscan});
+                        const auto i = static_cast<std::size_t>(next.fetch_add(1));
+                        auto a = client->attach(images[i % images.size()], AttachOptions{partscan});
                         std::lock_guard lock(mutex);
                         times.push_back(msBetween(t0, Clock::now()));
                         held_.push_back(std::move(a));
@@ -277,8 +281,11 @@ int serve(const ImageSpec& image)
                 reply = runBatch(contender, name, concurrency, command.value("cycles", 1u), image);
                 reply["floor_overflows"] = floor.overflows();
             } else if (cmd == "hold") {
+                auto images = command.value("images", std::vector<std::string>{});
+                if (images.empty())
+                    images.push_back(image.path);
                 reply = holder.hold(command.at("count").get<unsigned>(), concurrency, command.value("partscan", true),
-                                    image);
+                                    images);
             } else if (cmd == "release") {
                 reply = holder.release(concurrency);
             } else if (cmd == "quit") {
