@@ -50,6 +50,8 @@ public:
             return std::binary_search(numbers_.begin(), numbers_.end(), p) ? 1 : 0;
         }
         [[nodiscard]] bool empty() const { return numbers_.empty(); }
+        [[nodiscard]] std::size_t size() const { return numbers_.size(); }
+        bool operator==(const Partitions&) const = default;
         [[nodiscard]] auto begin() const { return numbers_.begin(); }
         [[nodiscard]] auto end() const { return numbers_.end(); }
 
