@@ -242,7 +242,10 @@ std::string checkReleased(const std::string& devnode, uint64_t diskseq)
         return devnode + " still has diskseq " + std::to_string(diskseq);
     if (fs::exists(sysDir + "/loop/backing_file", ec))
         return ""; // someone (another client of the batch) attached it since
-    if (const auto left = sysfsPartitions(name); !left.empty())
+    // The reads above and this one are not one snapshot: another client of the
+    // batch may attach the freed device and add its partitions in between (seen:
+    // its partition 1 counted as ours). Its LOOP_CONFIGURE moves the diskseq on.
+    if (const auto left = sysfsPartitions(name); !left.empty() && sysfsDiskseq(devnode) == now)
         return devnode + ": partitions " + listed(left) + " left after detach";
     return "";
 }
