@@ -7,6 +7,7 @@
 
 #include <loopd/error.hpp>
 
+#include <malloc.h>
 #include <poll.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
@@ -514,6 +515,12 @@ void Daemon::foreignDetach(uint64_t diskseq)
 void Daemon::housekeeping(core::Clock::time_point now)
 {
     nextHousekeeping_ = now + housekeepingInterval;
+    // Idle after a burst of requests: give the heap pages their transient
+    // allocations freed back to the kernel (glibc keeps them otherwise).
+    if (nextId_ != trimmedAt_ && attaches_.empty() && detaches_.empty() && waiters_.empty()) {
+        trimmedAt_ = nextId_;
+        malloc_trim(0);
+    }
     if (const bool udev = uevent::udevRunning(); udev != udevSeen_) {
         udevSeen_ = udev;
         spdlog::warn("udevd {}; readiness source is now {}", udev ? "is back" : "stopped", readinessSource());

@@ -156,6 +156,7 @@ private:
     kernel::NodeWatch nodeWatch_;
 
     core::RequestId nextId_ = 1;
+    core::RequestId trimmedAt_ = 1; // nextId_ at the last malloc_trim
     std::map<uint64_t, Device> devices_; // by diskseq
     std::map<core::RequestId, PendingAttach> attaches_;
     std::map<core::RequestId, PendingDetach> detaches_;
