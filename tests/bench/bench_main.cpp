@@ -40,15 +40,14 @@ double msBetween(Clock::time_point a, Clock::time_point b)
 
 int64_t realtimeNs()
 {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::system_clock::now().time_since_epoch())
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
         .count();
 }
 
 struct Sample {
     double attachMs = -1;
     double detachMs = -1;
-    std::string notReady; // "" = the reply came with everything ready
+    std::string notReady;   // "" = the reply came with everything ready
     bool diskReady = false; // when not: was at least the disk itself ready
     std::string notReleased;
     std::string error;
@@ -178,47 +177,58 @@ public:
         std::vector<std::string> errors;
         std::atomic<int> left{static_cast<int>(count)};
         std::atomic<unsigned> next{static_cast<unsigned>(held_.size())};
-        std::vector<std::thread> threads;
-        const auto start = Clock::now();
-        for (unsigned i = 0; i < concurrency; ++i)
-            threads.emplace_back([&] {
-                std::unique_ptr<Client> client;
+        const auto wallMs = onClients(concurrency, mutex, errors, [&](Client& client) {
+            while (left.fetch_sub(1) > 0) {
+                const auto t0 = Clock::now();
                 try {
-                    client = loopd_->client();
+                    const auto i = static_cast<std::size_t>(next.fetch_add(1));
+                    auto a = client.attach(images[i % images.size()], AttachOptions{partscan});
+                    std::lock_guard lock(mutex);
+                    times.push_back(msBetween(t0, Clock::now()));
+                    held_.push_back(std::move(a));
                 } catch (const std::exception& e) {
                     std::lock_guard lock(mutex);
-                    errors.push_back(std::string("client: ") + e.what());
-                    return;
+                    errors.push_back(e.what());
                 }
-                while (left.fetch_sub(1) > 0) {
-                    const auto t0 = Clock::now();
-                    try {
-                        const auto i = static_cast<std::size_t>(next.fetch_add(1));
-                        auto a = client->attach(images[i % images.size()], AttachOptions{partscan});
-                        std::lock_guard lock(mutex);
-                        times.push_back(msBetween(t0, Clock::now()));
-                        held_.push_back(std::move(a));
-                    } catch (const std::exception& e) {
-                        std::lock_guard lock(mutex);
-                        errors.push_back(e.what());
-                    }
-                }
-            });
-        for (auto& t : threads)
-            t.join();
-        json out{{"held", held_.size()}, {"wall_ms", msBetween(start, Clock::now())}, {"attach_ms", times}};
-        if (!errors.empty())
-            out["errors"] = errors;
-        return out;
+            }
+        });
+        return withErrors({{"held", held_.size()}, {"wall_ms", wallMs}, {"attach_ms", times}}, errors);
     }
 
     json release(unsigned concurrency)
     {
         std::mutex mutex;
         std::vector<std::string> errors;
+        const auto count = held_.size();
+        const auto wallMs = onClients(concurrency, mutex, errors, [&](Client& client) {
+            for (;;) {
+                Attachment a;
+                {
+                    std::lock_guard lock(mutex);
+                    if (held_.empty())
+                        return;
+                    a = std::move(held_.back());
+                    held_.pop_back();
+                }
+                try {
+                    client.detach(a);
+                } catch (const std::exception& e) {
+                    std::lock_guard lock(mutex);
+                    errors.push_back(a.devnode + ": " + e.what());
+                }
+            }
+        });
+        return withErrors({{"released", count}, {"wall_ms", wallMs}}, errors);
+    }
+
+private:
+    // Runs body on concurrency threads, each with a loopd connection of its own (a
+    // thread that cannot connect adds an error and ends). Returns the wall time, ms.
+    template <typename Body>
+    double onClients(unsigned concurrency, std::mutex& mutex, std::vector<std::string>& errors, Body body)
+    {
         std::vector<std::thread> threads;
         const auto start = Clock::now();
-        const auto count = held_.size();
         for (unsigned i = 0; i < concurrency; ++i)
             threads.emplace_back([&] {
                 std::unique_ptr<Client> client;
@@ -229,32 +239,20 @@ public:
                     errors.push_back(std::string("client: ") + e.what());
                     return;
                 }
-                for (;;) {
-                    Attachment a;
-                    {
-                        std::lock_guard lock(mutex);
-                        if (held_.empty())
-                            return;
-                        a = std::move(held_.back());
-                        held_.pop_back();
-                    }
-                    try {
-                        client->detach(a);
-                    } catch (const std::exception& e) {
-                        std::lock_guard lock(mutex);
-                        errors.push_back(a.devnode + ": " + e.what());
-                    }
-                }
+                body(*client);
             });
         for (auto& t : threads)
             t.join();
-        json out{{"released", count}, {"wall_ms", msBetween(start, Clock::now())}};
+        return msBetween(start, Clock::now());
+    }
+
+    static json withErrors(json out, const std::vector<std::string>& errors)
+    {
         if (!errors.empty())
             out["errors"] = errors;
         return out;
     }
 
-private:
     std::unique_ptr<Contender> loopd_ = makeLoopd();
     std::vector<Attachment> held_;
 };

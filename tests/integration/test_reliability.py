@@ -225,6 +225,13 @@ def test_storm_with_tiny_receive_buffer(env):
           f"{log.count('synthetic trigger')} synthetic trigger(s)")
 
 
+def detach_verified(reply):
+    """Detaches through loopd; at the reply the attachment must be gone."""
+    busctl_detach(reply["diskseq"])
+    reply["detached"] = True
+    verify_detached(reply["devnode"], reply["diskseq"])
+
+
 def attach_with_dropped_event(env, rule, kinds):
     """With the fault hook dropping `rule`'s event of every attachment, each attach
     still completes (through a synthetic trigger or a re-enumeration) and is ready
@@ -239,9 +246,7 @@ def attach_with_dropped_event(env, rule, kinds):
             assert how, (f"{kind}: attach of {reply['devnode']} (diskseq {reply['diskseq']}) "
                          f"with '{rule}' dropped completed without a synthetic trigger or "
                          f"re-enumeration: the fault hook dropped nothing?")
-            busctl_detach(reply["diskseq"])
-            reply["detached"] = True
-            verify_detached(reply["devnode"], reply["diskseq"])
+            detach_verified(reply)
         finally:
             if not reply.get("detached"):
                 detach_quietly(reply["diskseq"])
@@ -269,9 +274,7 @@ def test_event_the_kernel_never_sent_is_triggered_again(env):
                     and f"diskseq={reply['diskseq']} " in line]
         assert triggers, f"no synthetic trigger for {reply['devnode']} (diskseq {reply['diskseq']})"
         assert all("missing=p2" in line for line in triggers), f"triggered more than p2: {triggers}"
-        busctl_detach(reply["diskseq"])
-        reply["detached"] = True
-        verify_detached(reply["devnode"], reply["diskseq"])
+        detach_verified(reply)
     finally:
         if not reply.get("detached"):
             detach_quietly(reply["diskseq"])
