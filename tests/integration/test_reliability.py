@@ -225,6 +225,23 @@ def test_storm_with_tiny_receive_buffer(env):
           f"{log.count('synthetic trigger')} synthetic trigger(s)")
 
 
+def about_device(signal, devnode, diskseq):
+    """Whether a recorded signal (time, member, path, args) concerns the device with
+    this devnode or diskseq: by object path, DeviceRemoved's diskseq, or the DevNode
+    of an added object. (Not a substring of the arguments: diskseq 118 is in a
+    ReadyTimestamp like 1795337751189526.)"""
+    _, member, _, args = signal
+    path = f"/org/loopd1/device/{diskseq}"
+    if member == "DeviceRemoved":
+        return args[0] == path or args[1] == diskseq
+    if member == "InterfacesRemoved":
+        return args[0] == path
+    if member == "InterfacesAdded":
+        props = args[1].get("org.loopd1.Device", {})
+        return args[0] == path or props.get("DevNode") == devnode or props.get("DiskSeq") == diskseq
+    return False
+
+
 def detach_verified(reply):
     """Detaches through loopd; at the reply the attachment must be gone."""
     busctl_detach(reply["diskseq"])
@@ -344,9 +361,7 @@ def test_losetup_detach_and_reattach_over_freed_number(env):
         assert os.path.realpath(read_text(f"/sys/block/{name}/loop/backing_file")) == \
             os.path.realpath(foreign_image.path), f"the foreign {foreign} was touched"
         verify_reply(b, b_image)
-        touched = [s for s in watcher.all() if s[1] in ("DeviceRemoved", "InterfacesRemoved",
-                                                        "InterfacesAdded")
-                   and str(foreign_diskseq) in json.dumps(s[3])]
+        touched = [s for s in watcher.all() if about_device(s, foreign, foreign_diskseq)]
         assert not touched, f"loopd signalled about the foreign device: {touched}"
 
         busctl_detach(b["diskseq"])
