@@ -4,16 +4,16 @@
 #include "kernel/sysfs.hpp"
 
 #include <loopd/error.hpp>
+#include <loopd/log.hpp>
 
 #include <fcntl.h>
 #include <sys/file.h>
 
 #include <cerrno>
-#include <filesystem>
 #include <chrono>
+#include <filesystem>
 #include <optional>
 #include <random>
-#include <spdlog/spdlog.h>
 #include <system_error>
 #include <thread>
 
@@ -185,7 +185,8 @@ bool releasedSoon(const DeviceInfo& info)
 {
     using namespace std::chrono_literals;
     auto pause = 2ms;
-    for (auto waited = 0ms; waited < 2s; waited += pause, pause = std::min<std::chrono::milliseconds>(pause * 2, 100ms)) {
+    for (auto waited = 0ms; waited < 2s;
+         waited += pause, pause = std::min<std::chrono::milliseconds>(pause * 2, 100ms)) {
         if (released(info))
             return true;
         std::this_thread::sleep_for(pause);
@@ -260,7 +261,7 @@ void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
     try {
         releasedSoon(info);
     } catch (const std::exception& e) {
-        spdlog::debug("dev={} after letting go: {}", kernel::loopDevNode(info.number), e.what());
+        log::debug("dev={} after letting go: {}", kernel::loopDevNode(info.number), e.what());
     }
 }
 
@@ -273,8 +274,8 @@ void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
         removePartitions(lockFd.get(), info);
         kernel::clear(lockFd.get());
     } catch (const std::exception& e) {
-        spdlog::warn("undo of an attach failed dev={} diskseq={}: {}", kernel::loopDevNode(info.number), info.diskseq,
-                     e.what());
+        log::warn("undo of an attach failed dev={} diskseq={}: {}", kernel::loopDevNode(info.number), info.diskseq,
+                  e.what());
     }
 }
 
@@ -342,7 +343,7 @@ void releaseIntent(const core::Record& intent, const std::set<unsigned>& skip)
         const auto status = kernel::getStatus(fd.get());
         if (status && status->backingDevice == intent.info.backingDevice &&
             status->backingInode == intent.info.backingInode && status->fileName == intent.fileName) {
-            spdlog::info("releasing dev={} left by a crash during attach", kernel::loopDevNode(number));
+            log::info("releasing dev={} left by a crash during attach", kernel::loopDevNode(number));
             releaseDevice(fd.get(), number);
         }
     }

@@ -3,7 +3,7 @@
 #include "errors.hpp"
 #include "kernel/loop_device.hpp"
 
-#include <spdlog/spdlog.h>
+#include <loopd/log.hpp>
 
 namespace loopd::service {
 namespace {
@@ -24,14 +24,13 @@ core::OptionValue toOptionValue(const sdbus::Variant& variant)
 
 // sdbus-c++ 1.2 drops the whole connection when a handler throws anything but
 // sdbus::Error: every handler goes through here.
-template <typename Result, typename F>
-void guarded(Result& result, const char* method, F&& body)
+template <typename Result, typename F> void guarded(Result& result, const char* method, F&& body)
 {
     try {
         body();
     } catch (...) {
         const auto error = toDbusError(std::current_exception(), method);
-        spdlog::warn("{} refused: {}", method, error.getMessage());
+        log::warn("{} refused: {}", method, error.getMessage());
         result.returnError(error);
     }
 }
@@ -87,22 +86,19 @@ std::string ManagerObject::sender() const
 
 void ManagerObject::Attach(AttachResult&& result, std::string path, DbusOptions options)
 {
-    guarded(result, "Attach", [&] {
-        handlers_.attachPath(std::move(result), sender(), std::move(path), toOptionMap(options));
-    });
+    guarded(result, "Attach",
+            [&] { handlers_.attachPath(std::move(result), sender(), std::move(path), toOptionMap(options)); });
 }
 
 void ManagerObject::AttachFd(AttachResult&& result, sdbus::UnixFd fd, DbusOptions options)
 {
-    guarded(result, "AttachFd", [&] {
-        handlers_.attachFd(std::move(result), sender(), std::move(fd), toOptionMap(options));
-    });
+    guarded(result, "AttachFd",
+            [&] { handlers_.attachFd(std::move(result), sender(), std::move(fd), toOptionMap(options)); });
 }
 
 void ManagerObject::Detach(VoidResult&& result, uint64_t diskseq, DbusOptions options)
 {
-    guarded(result, "Detach",
-            [&] { handlers_.detach(std::move(result), sender(), diskseq, toOptionMap(options)); });
+    guarded(result, "Detach", [&] { handlers_.detach(std::move(result), sender(), diskseq, toOptionMap(options)); });
 }
 
 void ManagerObject::WaitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec)
@@ -126,8 +122,7 @@ uint32_t ManagerObject::Devices()
 }
 
 DeviceObject::DeviceObject(sdbus::IConnection& connection, DeviceProperties properties, Handlers& handlers)
-    : AdaptorInterfaces(connection, devicePath(properties.info.diskseq)), p_(std::move(properties)),
-      handlers_(handlers)
+    : AdaptorInterfaces(connection, devicePath(properties.info.diskseq)), p_(std::move(properties)), handlers_(handlers)
 {
     registerAdaptor();
     emitInterfacesAddedSignal({org::loopd1::Device_adaptor::INTERFACE_NAME});
@@ -138,7 +133,7 @@ DeviceObject::~DeviceObject()
     try {
         emitInterfacesRemovedSignal({org::loopd1::Device_adaptor::INTERFACE_NAME});
     } catch (const sdbus::Error& e) {
-        spdlog::warn("InterfacesRemoved not sent diskseq={}: {}", p_.info.diskseq, e.getMessage());
+        log::warn("InterfacesRemoved not sent diskseq={}: {}", p_.info.diskseq, e.getMessage());
     }
     unregisterAdaptor();
 }

@@ -6,6 +6,7 @@
 #include "kernel/sysfs.hpp"
 
 #include <loopd/error.hpp>
+#include <loopd/log.hpp>
 
 #include <malloc.h>
 #include <poll.h>
@@ -18,7 +19,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <random>
-#include <spdlog/spdlog.h>
 #include <system_error>
 
 namespace loopd::service {
@@ -50,18 +50,17 @@ std::string makeUuid()
     const uint64_t hi = (random() & ~0xf000ULL) | 0x4000ULL;
     const uint64_t lo = (random() & ~(3ULL << 62)) | (2ULL << 62);
     char text[37];
-    std::snprintf(text, sizeof(text), "%08llx-%04llx-%04llx-%04llx-%012llx",
-                  static_cast<unsigned long long>(hi >> 32), static_cast<unsigned long long>((hi >> 16) & 0xffff),
-                  static_cast<unsigned long long>(hi & 0xffff), static_cast<unsigned long long>(lo >> 48),
-                  static_cast<unsigned long long>(lo & 0xffffffffffffULL));
+    std::snprintf(text, sizeof(text), "%08llx-%04llx-%04llx-%04llx-%012llx", static_cast<unsigned long long>(hi >> 32),
+                  static_cast<unsigned long long>((hi >> 16) & 0xffff), static_cast<unsigned long long>(hi & 0xffff),
+                  static_cast<unsigned long long>(lo >> 48), static_cast<unsigned long long>(lo & 0xffffffffffffULL));
     return text;
 }
 
 uint64_t realtimeUsec()
 {
-    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
-                                     std::chrono::system_clock::now().time_since_epoch())
-                                     .count());
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+            .count());
 }
 
 long long millisSince(core::Clock::time_point start)
@@ -121,7 +120,8 @@ core::Record Daemon::Device::record(core::Record::State state) const
 Daemon::Daemon(DaemonConfig config)
     // Subscribe before anything else, so no event of an attachment can pass unseen.
     : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
-      kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes, config_.kernelDrops), connection_(sdbus::createSystemBusConnection()),
+      kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes, config_.kernelDrops),
+      connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
       polkitProxy_(
           sdbus::createProxy(*connection_, "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority")),
@@ -150,11 +150,11 @@ Daemon::Daemon(DaemonConfig config)
     awaitReadded();
     udevSeen_ = uevent::udevRunning();
     if (config_.drops.any() || config_.kernelDrops.any())
-        spdlog::warn("test fault injection is on: udev events are dropped on purpose");
+        log::warn("test fault injection is on: udev events are dropped on purpose");
 
     // Last: with Type=dbus, owning the name is what tells systemd loopd is up.
     connection_->requestName(busName);
-    spdlog::info("loopd {} on the system bus as {}, readiness source {}", LOOPD_VERSION, busName, readinessSource());
+    log::info("loopd {} on the system bus as {}, readiness source {}", LOOPD_VERSION, busName, readinessSource());
 }
 
 Daemon::~Daemon()
@@ -166,7 +166,7 @@ Daemon::~Daemon()
 void Daemon::run()
 {
     loop_.run();
-    spdlog::info("loopd stopping; {} device(s) stay attached", devices_.size());
+    log::info("loopd stopping; {} device(s) stay attached", devices_.size());
 }
 
 EventLoop::Wait Daemon::prepare()
@@ -206,10 +206,10 @@ void Daemon::onUevents(uevent::Monitor& monitor)
     auto batch = monitor.receive();
     std::set<unsigned> owned;
     for (const auto& event : batch.events) {
-        spdlog::trace("uevent source={} action={} dev=loop{}{} diskseq={}{}",
-                      event.source == EventSource::Udev ? "udev" : "kernel", static_cast<int>(event.action),
-                      event.number, event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq,
-                      event.synthUuid.empty() ? "" : " synth_uuid=" + event.synthUuid);
+        log::trace("uevent source={} action={} dev=loop{}{} diskseq={}{}",
+                   event.source == EventSource::Udev ? "udev" : "kernel", static_cast<int>(event.action), event.number,
+                   event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq,
+                   event.synthUuid.empty() ? "" : " synth_uuid=" + event.synthUuid);
         settle(registry_.onEvent(event));
         if (numbers_.count(event.number))
             owned.insert(event.number);
@@ -226,7 +226,7 @@ void Daemon::onSignal()
 {
     signalfd_siginfo info{};
     while (::read(signalFd_.get(), &info, sizeof(info)) == sizeof(info))
-        spdlog::info("signal {} received, finishing calls in progress", info.ssi_signo);
+        log::info("signal {} received, finishing calls in progress", info.ssi_signo);
     stopping_ = true;
     for (auto& [id, waiter] : waiters_) {
         registry_.cancel(id);
@@ -256,7 +256,7 @@ void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newO
         if (device.owner == name && device.options.lifetime == Lifetime::Client && device.state == State::Ready)
             theirs.push_back(diskseq);
     for (const auto diskseq : theirs) {
-        spdlog::info("client left the bus, detaching its device sender={} diskseq={}", name, diskseq);
+        log::info("client left the bus, detaching its device sender={} diskseq={}", name, diskseq);
         detachOwn(diskseq, "client-vanished");
     }
 }
@@ -278,7 +278,7 @@ void Daemon::settle(const std::vector<core::Outcome>& outcomes)
             detachConfirmed(id, outcome.kind == Kind::TimedOut);
         } else if (adopting_.erase(id)) {
             if (outcome.kind != Kind::Ready)
-                spdlog::warn("re-added partitions of dev=loop{} not confirmed by udev", outcome.watch.number);
+                log::warn("re-added partitions of dev=loop{} not confirmed by udev", outcome.watch.number);
         } else if (auto waiter = waiters_.extract(id)) {
             auto& [result, diskseq] = waiter.mapped();
             const auto it = devices_.find(diskseq);
@@ -314,7 +314,7 @@ void Daemon::recover()
                 continue;
             case core::Record::State::Configured:
             case core::Record::State::Detaching:
-                spdlog::info("finishing an attach or detach a restart interrupted dev={}", describe(record.info));
+                log::info("finishing an attach or detach a restart interrupted dev={}", describe(record.info));
                 releaseRecorded(record);
                 break;
             case core::Record::State::Intent:
@@ -326,7 +326,7 @@ void Daemon::recover()
             records_.remove(record);
         } catch (const std::exception& e) {
             // Kept: the next start tries again rather than forget a device.
-            spdlog::error("recovery of dev={} failed, record kept: {}", describe(record.info), e.what());
+            log::error("recovery of dev={} failed, record kept: {}", describe(record.info), e.what());
         }
     }
 }
@@ -369,13 +369,13 @@ bool Daemon::adoptOrRelease(const core::Record& record)
     try {
         return adopt(record);
     } catch (const std::exception& e) {
-        spdlog::error("cannot adopt dev={}: {}; releasing it", describe(record.info), e.what());
+        log::error("cannot adopt dev={}: {}; releasing it", describe(record.info), e.what());
     }
     try {
         releaseRecorded(record);
         records_.remove(record);
     } catch (const std::exception& e) {
-        spdlog::error("cannot release dev={} either, record kept: {}", describe(record.info), e.what());
+        log::error("cannot release dev={} either, record kept: {}", describe(record.info), e.what());
     }
     return false;
 }
@@ -386,7 +386,7 @@ bool Daemon::adopt(const core::Record& record)
     bool readded = false;
     auto fd = reopenOwned(record, readded);
     if (!fd) {
-        spdlog::info("not adopting dev={}: released or replaced while loopd was not running", describe(record.info));
+        log::info("not adopting dev={}: released or replaced while loopd was not running", describe(record.info));
         records_.remove(record);
         return false;
     }
@@ -416,7 +416,7 @@ bool Daemon::adopt(const core::Record& record)
     linkRef(stored);
     exportDevice(stored);
     watchNode(stored);
-    spdlog::info("adopted dev={} owner={}", describe(stored.info), record.owner);
+    log::info("adopted dev={} owner={}", describe(stored.info), record.owner);
     if (record.lifetime == Lifetime::Client)
         checkClientAlive(diskseq, record.owner);
     return true;
@@ -433,7 +433,7 @@ void Daemon::checkClientAlive(uint64_t diskseq, const std::string& owner)
             const auto it = devices_.find(diskseq);
             if (error || alive || it == devices_.end() || it->second.state != State::Ready)
                 return;
-            spdlog::info("client left the bus while loopd was down sender={} diskseq={}", owner, diskseq);
+            log::info("client left the bus while loopd was down sender={} diskseq={}", owner, diskseq);
             detachOwn(diskseq, "client-vanished");
         });
 }
@@ -449,7 +449,7 @@ void Daemon::resyncAll()
         numbers.insert(number);
     for (const auto& [number, diskseq] : numbers_)
         numbers.insert(number);
-    spdlog::warn("uevents were lost (receive buffer overflow); re-enumerating {} device(s)", numbers.size());
+    log::warn("uevents were lost (receive buffer overflow); re-enumerating {} device(s)", numbers.size());
     for (const auto number : numbers)
         resync(number);
 }
@@ -505,7 +505,7 @@ void Daemon::foreignDetach(uint64_t diskseq)
 {
     auto& device = devices_.at(diskseq);
     device.state = State::Detaching;
-    spdlog::info("foreign detach dev={}", describe(device.info));
+    log::info("foreign detach dev={}", describe(device.info));
     workers_.submit([this, diskseq, fd = device.lockFd] {
         fd->reset();
         return WorkerPool::Continuation([this, diskseq] { removeDevice(diskseq, "foreign-detach"); });
@@ -523,7 +523,7 @@ void Daemon::housekeeping(core::Clock::time_point now)
     }
     if (const bool udev = uevent::udevRunning(); udev != udevSeen_) {
         udevSeen_ = udev;
-        spdlog::warn("udevd {}; readiness source is now {}", udev ? "is back" : "stopped", readinessSource());
+        log::warn("udevd {}; readiness source is now {}", udev ? "is back" : "stopped", readinessSource());
         manager_->readinessSourceChanged();
     }
     if (now < nextReleaseScan_)
@@ -562,7 +562,8 @@ void Daemon::checkReleased(unsigned number)
     for (const auto& [id, job] : attaches_)
         if (job.diskseq == device.info.diskseq) {
             registry_.cancel(id);
-            return abandonAttach(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
+            return abandonAttach(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching",
+                                 false);
         }
 }
 
@@ -571,7 +572,7 @@ void Daemon::watchNode(const Device& device)
     try {
         nodeWatch_.add(device.info.number);
     } catch (const std::exception& e) {
-        spdlog::warn("foreign detach of dev={} is noticed by polling only: {}", describe(device.info), e.what());
+        log::warn("foreign detach of dev={} is noticed by polling only: {}", describe(device.info), e.what());
     }
 }
 
@@ -589,7 +590,7 @@ void Daemon::nudge(const core::Nudge& due)
     const auto node = kernel::loopDevNode(number);
     if (due.goal == core::Goal::Released) {
         // Remove events cannot be asked for again; sysfs and udev know the outcome.
-        spdlog::info("remove events missing dev={} diskseq={}: re-enumerating", node, due.watch.diskseq);
+        log::info("remove events missing dev={} diskseq={}: re-enumerating", node, due.watch.diskseq);
         return resync(number);
     }
     const auto& kernelView = registry_.ledger().view(number, EventSource::Kernel);
@@ -600,7 +601,7 @@ void Daemon::nudge(const core::Nudge& due)
         if (!current || kernelView.partitions.count(p) == 0)
             partitions.push_back(p);
     if (due.watch.source == EventSource::Udev) {
-        spdlog::info("events missing dev={} diskseq={}: re-enumerating udev's database", node, due.watch.diskseq);
+        log::info("events missing dev={} diskseq={}: re-enumerating udev's database", node, due.watch.diskseq);
         resync(number, false);
         // Once, after a few seconds with udev still short of something the kernel
         // did announce: ask for exactly what udev lacks.
@@ -617,7 +618,7 @@ void Daemon::nudge(const core::Nudge& due)
     std::string missing = disk ? "disk" : "";
     for (const auto p : partitions)
         missing += (missing.empty() ? "p" : ",p") + std::to_string(p);
-    spdlog::info("synthetic trigger dev={} diskseq={} uuid={} missing={}", node, due.watch.diskseq, uuid, missing);
+    log::info("synthetic trigger dev={} diskseq={} uuid={} missing={}", node, due.watch.diskseq, uuid, missing);
     workers_.submit([number, disk, partitions, uuid] {
         try {
             if (disk)
@@ -626,7 +627,7 @@ void Daemon::nudge(const core::Nudge& due)
                 kernel::triggerChange(number, p, uuid);
         } catch (const std::exception& e) {
             // The partition may be gone for a moment (double scan); the next nudge retries.
-            spdlog::debug("synthetic trigger dev={} failed: {}", kernel::loopDevNode(number), e.what());
+            log::debug("synthetic trigger dev={} failed: {}", kernel::loopDevNode(number), e.what());
         }
         return WorkerPool::Continuation([] {});
     });
@@ -683,9 +684,9 @@ void Daemon::startAttach(AttachResult&& result, const std::string& sender, std::
     record.ref = options.ref;
     record.lifetime = options.lifetime;
     record.owner = sender;
-    attaches_.emplace(id, PendingAttach{std::move(result), sender, std::move(what), std::move(source),
-                                        std::move(options), events, deadline, 0, 0, now, realtimeUsec(), false,
-                                        std::move(record)});
+    attaches_.emplace(id,
+                      PendingAttach{std::move(result), sender, std::move(what), std::move(source), std::move(options),
+                                    events, deadline, 0, 0, now, realtimeUsec(), false, std::move(record)});
     const auto denied = "attaching " + attaches_.at(id).what;
     authorize(sender, "org.loopd1.attach", denied, [this, id](std::exception_ptr error, Caller caller) {
         auto& job = attaches_.at(id);
@@ -737,8 +738,7 @@ void Daemon::askPolkit(const std::string& sender, const std::string& action,
                            std::map<std::string, std::string>{}, allowUserInteraction, std::string{})
             .uponReplyInvoke([then, action, sender](const sdbus::Error* error, Answer answer) {
                 if (error)
-                    spdlog::warn("polkit could not be asked action={} sender={}: {}", action, sender,
-                                 error->getMessage());
+                    log::warn("polkit could not be asked action={} sender={}: {}", action, sender, error->getMessage());
                 const bool authorized = !error && std::get<0>(answer);
                 then(authorized ? nullptr : std::make_exception_ptr(Error(Errc::AccessDenied, "not authorized")));
             });
@@ -758,18 +758,18 @@ void Daemon::lookupCaller(const std::string& sender, std::function<void(std::exc
         busProxy_->callMethodAsync("GetConnectionCredentials")
             .onInterface("org.freedesktop.DBus")
             .withArguments(sender)
-            .uponReplyInvoke([this, sender, then](const sdbus::Error* error,
-                                                  std::map<std::string, sdbus::Variant> credentials) {
-                if (error)
-                    return then(std::make_exception_ptr(*error), {});
-                Caller caller;
-                caller.uid = credentials.count("UnixUserID") ? credentials.at("UnixUserID").get<uint32_t>()
-                                                              : UINT32_MAX;
-                if (credentials.count("UnixGroupIDs"))
-                    caller.groups = credentials.at("UnixGroupIDs").get<std::vector<uint32_t>>();
-                callers_[sender] = caller;
-                then(nullptr, std::move(caller));
-            });
+            .uponReplyInvoke(
+                [this, sender, then](const sdbus::Error* error, std::map<std::string, sdbus::Variant> credentials) {
+                    if (error)
+                        return then(std::make_exception_ptr(*error), {});
+                    Caller caller;
+                    caller.uid =
+                        credentials.count("UnixUserID") ? credentials.at("UnixUserID").get<uint32_t>() : UINT32_MAX;
+                    if (credentials.count("UnixGroupIDs"))
+                        caller.groups = credentials.at("UnixGroupIDs").get<std::vector<uint32_t>>();
+                    callers_[sender] = caller;
+                    then(nullptr, std::move(caller));
+                });
     } catch (...) {
         then(std::current_exception(), {});
     }
@@ -797,7 +797,8 @@ void Daemon::runAttach(core::RequestId id, const Caller& caller)
     // The groups of the calling process as the bus saw them (its gid among them):
     // fsgid is one of them and the rest are supplementary, so access checks see
     // exactly the process's groups. None known: the overflow group, granting nothing.
-    work->credentials = kernel::Credentials{caller.uid, caller.groups.empty() ? 65534 : caller.groups.front(),
+    work->credentials = kernel::Credentials{caller.uid,
+                                            caller.groups.empty() ? 65534 : caller.groups.front(),
                                             {caller.groups.begin(), caller.groups.end()}};
 
     // Worker thread: only the captured work and pure kernel calls.
@@ -832,8 +833,8 @@ void Daemon::onAttached(core::RequestId id, std::shared_ptr<Attached> attached)
     job.diskseq = diskseq;
     const auto& stored = devices_.emplace(diskseq, std::move(device)).first->second;
     numbers_[stored.info.number] = diskseq;
-    spdlog::debug("configured dev={} diskseq={} partitions={} file={}", kernel::loopDevNode(stored.info.number),
-                  diskseq, stored.info.partitions.size(), job.what);
+    log::debug("configured dev={} diskseq={} partitions={} file={}", kernel::loopDevNode(stored.info.number), diskseq,
+               stored.info.partitions.size(), job.what);
     linkRef(stored);
     watchNode(stored);
     if (stopping_)
@@ -847,7 +848,8 @@ void Daemon::attachReady(core::RequestId id)
     // and sent no event: look before saying ready.
     if (const auto& device = devices_.at(attaches_.at(id).diskseq);
         !device.options.autoclear && kernel::sysfsAutoclear(device.info.number).value_or(true))
-        return abandonAttach(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
+        return abandonAttach(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching",
+                             false);
     auto node = attaches_.extract(id);
     auto& job = node.mapped();
     auto& device = devices_.at(job.diskseq);
@@ -859,9 +861,9 @@ void Daemon::attachReady(core::RequestId id)
     exportDevice(device);
     replyReady(job.result, device);
     manager_->devicesChanged();
-    spdlog::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
-                 kernel::loopDevNode(device.info.number), job.diskseq, device.info.partitions.size(), job.what,
-                 job.sender, millisSince(job.started));
+    log::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
+              kernel::loopDevNode(device.info.number), job.diskseq, device.info.partitions.size(), job.what, job.sender,
+              millisSince(job.started));
     if (job.vanished && device.options.lifetime == Lifetime::Client)
         detachOwn(job.diskseq, "client-vanished");
 }
@@ -875,7 +877,7 @@ void Daemon::exportDevice(Device& device)
                              device.readyTimestamp},
             *this);
     } catch (const sdbus::Error& e) {
-        spdlog::error("cannot export device object diskseq={}: {}", device.info.diskseq, e.getMessage());
+        log::error("cannot export device object diskseq={}: {}", device.info.diskseq, e.getMessage());
     }
 }
 
@@ -885,7 +887,7 @@ void Daemon::writeRecord(const core::Record& record)
     try {
         records_.write(record);
     } catch (const std::exception& e) {
-        spdlog::error("cannot write the ownership record diskseq={}: {}", record.info.diskseq, e.what());
+        log::error("cannot write the ownership record diskseq={}: {}", record.info.diskseq, e.what());
     }
 }
 
@@ -895,7 +897,7 @@ void Daemon::attachFailed(core::RequestId id, std::exception_ptr error)
     auto& job = node.mapped();
     refs_.erase(job.options.ref);
     const auto reply = toDbusError(error, job.what);
-    spdlog::warn("attach failed file={} sender={}: {}", job.what, job.sender, reply.getMessage());
+    log::warn("attach failed file={} sender={}: {}", job.what, job.sender, reply.getMessage());
     job.result.returnError(reply);
 }
 
@@ -907,7 +909,8 @@ void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why
     auto& device = devices_.at(job.diskseq);
     device.state = State::Detaching;
     const auto message = describe(device.info) + " for " + job.what + ": " + why;
-    workers_.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info, record = device.record(core::Record::State::Configured)] {
+    workers_.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info,
+                     record = device.record(core::Record::State::Configured)] {
         if (clear)
             undo(std::move(*fd), info);
         else
@@ -921,7 +924,7 @@ void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why
             unlinkRef(device.mapped());
             refs_.erase(job.options.ref);
             failWaiters(job.diskseq, code, message);
-            spdlog::warn("attach abandoned: {}", message);
+            log::warn("attach abandoned: {}", message);
             job.result.returnError(makeDbusError(code, message));
         });
     });
@@ -955,7 +958,7 @@ void Daemon::detach(VoidResult&& result, const std::string& sender, uint64_t dis
         if (!error)
             return startDetach(id);
         device.state = State::Ready;
-        spdlog::warn("detach refused diskseq={} sender={}", device.info.diskseq, sender);
+        log::warn("detach refused diskseq={} sender={}", device.info.diskseq, sender);
         replyDetach(id, error);
     };
     lookupCaller(sender, [this, id, sender, finish](std::exception_ptr error, Caller caller) {
@@ -963,9 +966,9 @@ void Daemon::detach(VoidResult&& result, const std::string& sender, uint64_t dis
         if (error || caller.uid == 0 || caller.uid == device.ownerUid)
             return finish(error);
         // Someone else's device: only with polkit's detach-others.
-        const auto denied = Error(Errc::AccessDenied, describe(device.info) + " belongs to uid " +
-                                                          std::to_string(device.ownerUid) + ", not to uid " +
-                                                          std::to_string(caller.uid));
+        const auto denied =
+            Error(Errc::AccessDenied, describe(device.info) + " belongs to uid " + std::to_string(device.ownerUid) +
+                                          ", not to uid " + std::to_string(caller.uid));
         askPolkit(sender, "org.loopd1.detach-others", [finish, denied](std::exception_ptr refused) {
             finish(refused ? std::make_exception_ptr(denied) : nullptr);
         });
@@ -1022,7 +1025,7 @@ void Daemon::detachConfirmed(core::RequestId id, bool timedOut)
     const auto diskseq = pending.diskseq;
     const auto reason = pending.reason;
     const auto dev = describe(devices_.at(diskseq).info);
-    spdlog::info("detached dev={} reason={}{}", dev, reason, timedOut ? " (remove events missing)" : "");
+    log::info("detached dev={} reason={}{}", dev, reason, timedOut ? " (remove events missing)" : "");
     // Reply first: a Device.Detach call's reply needs its object still registered.
     replyDetach(id, timedOut ? std::make_exception_ptr(Error(Errc::Timeout, dev + " was released, but udev did not "
                                                                                   "confirm the removal in time"))
@@ -1122,7 +1125,7 @@ void Daemon::linkRef(const Device& device)
         fs::remove(dir / name, ec);
         fs::create_symlink(target, dir / name, ec);
         if (ec)
-            spdlog::warn("cannot link {}: {}", (dir / name).string(), ec.message());
+            log::warn("cannot link {}: {}", (dir / name).string(), ec.message());
     };
     link(device.options.ref, kernel::loopDevNode(device.info.number));
     for (const auto partition : device.info.partitions)

@@ -1,10 +1,11 @@
 #include "event_loop.hpp"
 
+#include <loopd/log.hpp>
+
 #include <sys/epoll.h>
 
 #include <array>
 #include <cerrno>
-#include <spdlog/spdlog.h>
 #include <system_error>
 
 namespace loopd::service {
@@ -74,7 +75,7 @@ void EventLoop::run()
                 else if (const auto it = handlers_.find(fd); it != handlers_.end())
                     it->second();
             } catch (const std::exception& e) {
-                spdlog::error("event handler failed: {}", e.what());
+                log::error("event handler failed: {}", e.what());
             }
         }
     }

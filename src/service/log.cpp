@@ -1,25 +1,29 @@
 #include "log.hpp"
 
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/sinks/systemd_sink.h>
-#include <spdlog/spdlog.h>
+#include <sys/stat.h>
 
+#include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
 
 namespace loopd::service {
+namespace {
 
-void setupLogging(const std::string& level)
+bool stderrIsJournal()
 {
-    std::shared_ptr<spdlog::logger> logger;
-    if (std::getenv("JOURNAL_STREAM")) {
-        logger = std::make_shared<spdlog::logger>("loopd", std::make_shared<spdlog::sinks::systemd_sink_mt>());
-        logger->set_pattern("%v");
-    } else {
-        logger = spdlog::stderr_color_mt("loopd");
-        logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
-    }
-    logger->set_level(spdlog::level::from_str(level));
-    spdlog::set_default_logger(logger);
+    const char* stream = std::getenv("JOURNAL_STREAM");
+    uintmax_t device = 0;
+    uintmax_t inode = 0;
+    struct stat st {};
+    return stream && std::sscanf(stream, "%" SCNuMAX ":%" SCNuMAX, &device, &inode) == 2 &&
+           ::fstat(STDERR_FILENO, &st) == 0 && st.st_dev == device && st.st_ino == inode;
+}
+
+} // namespace
+
+void setupLogging(log::Level threshold)
+{
+    log::config = {threshold, stderrIsJournal()};
 }
 
 } // namespace loopd::service

@@ -1,11 +1,12 @@
 #pragma once
 
-#include <string>
+#include <loopd/log.hpp>
 
 namespace loopd::service {
 
-// One logger: the journal when started by systemd (JOURNAL_STREAM is set), stderr
-// otherwise. level: trace, debug, info, warn, error.
-void setupLogging(const std::string& level);
+// The journal's priority prefixes when stderr is systemd's journal stream (the
+// device and inode in JOURNAL_STREAM are stderr's own, not inherited from a
+// parent), a timestamp and level name otherwise.
+void setupLogging(log::Level threshold);
 
 } // namespace loopd::service

@@ -5,7 +5,6 @@
 
 #include <CLI/CLI.hpp>
 #include <sdbus-c++/Error.h>
-#include <spdlog/spdlog.h>
 
 #include <malloc.h>
 
@@ -19,7 +18,9 @@ int main(int argc, char** argv)
                  "Owns org.loopd1 on the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured)."};
     loopd::service::DaemonConfig config;
     std::string logLevel = "info";
-    app.add_option("--log-level", logLevel, "trace, debug, info, warn or error")->capture_default_str();
+    app.add_option("--log-level", logLevel, "trace, debug, info, warn or error")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
     app.add_option("--receive-buffer", config.receiveBufferBytes,
                    "uevent socket receive buffer in bytes (small values force event loss, for tests)")
         ->capture_default_str()
@@ -49,7 +50,7 @@ int main(int argc, char** argv)
         return 2;
     }
 
-    loopd::service::setupLogging(logLevel);
+    loopd::service::setupLogging(*loopd::log::parseLevel(logLevel));
 
     // One malloc arena for all threads: the workers allocate little and briefly,
     // and an arena each would keep its freed memory resident (measured: 0.3 MiB
@@ -68,10 +69,10 @@ int main(int argc, char** argv)
         loopd::service::Daemon daemon(config);
         daemon.run();
     } catch (const sdbus::Error& e) {
-        spdlog::critical("D-Bus: {}: {}", e.getName(), e.getMessage());
+        loopd::log::critical("D-Bus: {}: {}", e.getName(), e.getMessage());
         return EXIT_FAILURE;
     } catch (const std::exception& e) {
-        spdlog::critical("{}", e.what());
+        loopd::log::critical("{}", e.what());
         return EXIT_FAILURE;
     }
     return EXIT_SUCCESS;

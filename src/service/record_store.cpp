@@ -1,6 +1,7 @@
 #include "record_store.hpp"
 
 #include <loopd/unique_fd.hpp>
+#include <loopd/log.hpp>
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -9,7 +10,6 @@
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
-#include <spdlog/spdlog.h>
 #include <sstream>
 #include <system_error>
 
@@ -88,7 +88,7 @@ std::vector<core::Record> RecordStore::loadAll() const
         if (auto record = core::parseRecord(text.str()))
             records.push_back(std::move(*record));
         else {
-            spdlog::warn("dropping unreadable ownership record {}", entry.path().string());
+            log::warn("dropping unreadable ownership record {}", entry.path().string());
             fs::remove(entry.path(), ec);
         }
     }

@@ -1,10 +1,11 @@
 #include "worker_pool.hpp"
 
+#include <loopd/log.hpp>
+
 #include <sys/eventfd.h>
 
 #include <cerrno>
 #include <cstdint>
-#include <spdlog/spdlog.h>
 #include <system_error>
 
 namespace loopd::service {
@@ -53,7 +54,7 @@ void WorkerPool::runContinuations()
         try {
             continuation();
         } catch (const std::exception& e) {
-            spdlog::error("completion failed: {}", e.what());
+            log::error("completion failed: {}", e.what());
         }
     }
 }

@@ -1,17 +1,18 @@
 #include "monitor.hpp"
 
+#include <loopd/log.hpp>
+
 #include <libudev.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <ctime>
-#include <sys/stat.h>
-#include <sys/sysmacros.h>
-#include <spdlog/spdlog.h>
 #include <string_view>
 #include <system_error>
 
@@ -72,7 +73,6 @@ bool Monitor::dropped(const Uevent& event)
 
 namespace {
 
-
 UdevEntry readEntry(udev_device* device)
 {
     UdevEntry entry;
@@ -85,7 +85,7 @@ UdevEntry readEntry(udev_device* device)
     // same number). The file's change time says when udev last finished with it.
     const auto devnum = udev_device_get_devnum(device);
     const auto path = "/run/udev/data/b" + std::to_string(major(devnum)) + ":" + std::to_string(minor(devnum));
-    struct stat st{};
+    struct stat st {};
     if (::stat(path.c_str(), &st) == 0)
         entry.processedRealtimeUsec =
             static_cast<uint64_t>(st.st_ctim.tv_sec) * 1'000'000 + static_cast<uint64_t>(st.st_ctim.tv_nsec) / 1000;
@@ -146,7 +146,7 @@ Monitor::Monitor(EventSource source, int receiveBufferBytes, DropRules drops)
     // hardened unit does not grant: keep what the kernel allows. Lost events cost a
     // re-enumeration, never a wrong answer.
     if (r >= 0 && udev_monitor_set_receive_buffer_size(monitor_, receiveBufferBytes) < 0)
-        spdlog::warn("uevent receive buffer of {} bytes refused; keeping the kernel's limit", receiveBufferBytes);
+        log::warn("uevent receive buffer of {} bytes refused; keeping the kernel's limit", receiveBufferBytes);
     if (r >= 0)
         r = udev_monitor_enable_receiving(monitor_);
     if (r < 0) {
