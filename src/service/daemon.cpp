@@ -920,7 +920,7 @@ void Daemon::abandonAttach(core::RequestId id, Errc code, const std::string& why
             auto node = attaches_.extract(id);
             auto& job = node.mapped();
             auto device = devices_.extract(job.diskseq);
-            numbers_.erase(device.mapped().info.number);
+            forgetNumber(device.mapped());
             unlinkRef(device.mapped());
             refs_.erase(job.options.ref);
             failWaiters(job.diskseq, code, message);
@@ -1045,14 +1045,26 @@ void Daemon::replyDetach(core::RequestId id, std::exception_ptr error)
         result->returnResults();
 }
 
+// The number may be another attachment's already: the kernel hands a released
+// loop device out again at once, often before loopd has confirmed (or given up)
+// the old attachment on it. Found by the soak: the new attachment lost its entry,
+// so re-enumerations ignored its partitions and it timed out.
+void Daemon::forgetNumber(const Device& device)
+{
+    const auto it = numbers_.find(device.info.number);
+    if (it == numbers_.end() || it->second != device.info.diskseq)
+        return;
+    numbers_.erase(it);
+    nodeWatch_.remove(device.info.number);
+}
+
 void Daemon::removeDevice(uint64_t diskseq, const std::string& reason)
 {
     auto node = devices_.extract(diskseq);
     auto& device = node.mapped();
     if (device.listed)
         --listed_;
-    numbers_.erase(device.info.number);
-    nodeWatch_.remove(device.info.number);
+    forgetNumber(device);
     unlinkRef(device);
     refs_.erase(device.options.ref);
     records_.remove(device.record(core::Record::State::Owned));

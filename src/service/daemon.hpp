@@ -133,6 +133,7 @@ private:
     void detachConfirmed(core::RequestId id, bool timedOut);
     void replyDetach(core::RequestId id, std::exception_ptr error);
     void removeDevice(uint64_t diskseq, const std::string& reason);
+    void forgetNumber(const Device& device);
     void failWaiters(uint64_t diskseq, Errc code, const std::string& message);
 
     void replyReady(AttachResult& result, const Device& device);

@@ -2,7 +2,7 @@
 """Attach-to-ready latency of loopd for the 3-partition GPT image.
 
 Run as root from the build tree (meson sets nothing here):
-    LOOPD=build/loopd LOOPCTL=build/loopctl LOOPD_SRC=. \
+    LOOPD=$PWD/build/loopd LOOPCTL=$PWD/build/loopctl LOOPD_SRC=$PWD \
         PYTHONPATH=tests/integration tests/bench/attach_latency.py [ROUNDS]
 
 Each round attaches over D-Bus (python3-dbus, one connection), verifies readiness at

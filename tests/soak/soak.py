@@ -86,7 +86,7 @@ class Stats:
 
 
 def daemon_usage(pid):
-    """(open fds, VmRSS in KiB, threads, what the fds are) of a process."""
+    """(open fds, VmRSS in KiB, threads, what the fds are, RssAnon, RssFile) of a process."""
     targets = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -94,7 +94,8 @@ def daemon_usage(pid):
         except OSError:
             pass  # closed meanwhile
     status = dict(line.split(":", 1) for line in read_text(f"/proc/{pid}/status").splitlines())
-    return len(targets), int(status["VmRSS"].split()[0]), int(status["Threads"]), targets
+    kib = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile")}
+    return len(targets), kib["VmRSS"], int(status["Threads"]), targets, kib["RssAnon"], kib["RssFile"]
 
 
 def fd_growth(before, after):
@@ -263,6 +264,9 @@ def report(args, stats, samples, leaked, duration, log):
             max(stats.attach_ms, default=float("nan")))),
         (f"loopd fds after {args.sample_after} / end", f"{mid[0] if mid else 'n/a'} / {end[0]}"),
         (f"loopd VmRSS KiB after {args.sample_after} / end", f"{mid[1] if mid else 'n/a'} / {end[1]}"),
+        # Heap and stacks apart from library pages first touched by a rarer path.
+        ("  of which RssAnon, RssFile", f"{mid[4] if mid else 'n/a'} / {end[4]}, "
+                                         f"{mid[5] if mid else 'n/a'} / {end[5]}"),
         (f"loopd threads after {args.sample_after} / end", f"{mid[2] if mid else 'n/a'} / {end[2]}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -302,6 +306,8 @@ def main():
     try:
         with Env(["--test-drop", f"random:{args.drop_ratio}", "--test-seed", str(args.seed)]) as env:
             ok = report(args, *soak(env, args))
+            if not ok:
+                os.environ["LOOPD_TEST_KEEP"] = "1"  # the logs explain the failure: keep them
     except AssertionError as e:  # Env's own checks at exit (leaks, loopd's exit)
         text = str(e)
         print(f"FAIL: {text[:600]}{' ...' if len(text) > 600 else ''}")
