@@ -940,7 +940,11 @@ void Daemon::replyReady(AttachResult& result, const Device& device)
 
 void Daemon::detach(VoidResult&& result, const std::string& sender, uint64_t diskseq, core::OptionMap options)
 {
-    core::parseDetachOptions(options);
+    try {
+        core::parseDetachOptions(options);
+    } catch (const Error& e) {
+        throw Error(e.code(), "cannot detach diskseq " + std::to_string(diskseq) + ": " + e.what());
+    }
     const auto it = devices_.find(diskseq);
     if (it == devices_.end())
         throw Error(Errc::NotFound, "no loopd device with diskseq " + std::to_string(diskseq));

@@ -140,6 +140,19 @@ def test_duplicate_ref(env):
         detach_quietly(first["diskseq"])
 
 
+def test_detach_unknown_option(env):
+    image = env.image("gpt3")
+    reply = attach(image.path)
+    try:
+        diskseq = verify_reply(reply, image)
+        refused(env, "InvalidArgument", diskseq, pydbus_call, "Detach", "ta{sv}",
+                [dbus.UInt64(diskseq), pydbus_options(**{"no-such-option": dbus.Boolean(True)})],
+                still_attached=[reply["devnode"]])
+        verify_reply(reply, image)  # refused means untouched: still ready, partitions and all
+    finally:
+        detach_quietly(reply["diskseq"])
+
+
 # ---------------------------------------------------------------- naming devices
 
 def test_detach_unknown_diskseq(env):
