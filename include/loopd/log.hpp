@@ -39,7 +39,10 @@ inline std::optional<Level> parseLevel(std::string_view name)
     return std::nullopt;
 }
 
-inline bool enabled(Level level) noexcept { return level >= config.threshold; }
+inline bool enabled(Level level) noexcept
+{
+    return level >= config.threshold;
+}
 
 inline void write(Level level, std::string_view message) noexcept
 {
@@ -66,47 +69,25 @@ inline void write(Level level, std::string_view message) noexcept
     }
 }
 
-template <typename... Args>
-void emit(Level level, fmt::format_string<Args...> format, Args&&... args) noexcept
-{
-    if (!enabled(level))
-        return;
-    try {
-        write(level, fmt::format(format, std::forward<Args>(args)...));
-    } catch (...) {
-        write(level, "(a log line could not be formatted)");
+// log::info("...", args), log::warn(...): one callable per level, checked formats.
+template <Level level> struct At {
+    template <typename... Args> void operator()(fmt::format_string<Args...> format, Args&&... args) const noexcept
+    {
+        if (!enabled(level))
+            return;
+        try {
+            write(level, fmt::format(format, std::forward<Args>(args)...));
+        } catch (...) {
+            write(level, "(a log line could not be formatted)");
+        }
     }
-}
+};
 
-template <typename... Args>
-void trace(fmt::format_string<Args...> format, Args&&... args) noexcept
-{
-    emit(Level::trace, format, std::forward<Args>(args)...);
-}
-template <typename... Args>
-void debug(fmt::format_string<Args...> format, Args&&... args) noexcept
-{
-    emit(Level::debug, format, std::forward<Args>(args)...);
-}
-template <typename... Args>
-void info(fmt::format_string<Args...> format, Args&&... args) noexcept
-{
-    emit(Level::info, format, std::forward<Args>(args)...);
-}
-template <typename... Args>
-void warn(fmt::format_string<Args...> format, Args&&... args) noexcept
-{
-    emit(Level::warn, format, std::forward<Args>(args)...);
-}
-template <typename... Args>
-void error(fmt::format_string<Args...> format, Args&&... args) noexcept
-{
-    emit(Level::error, format, std::forward<Args>(args)...);
-}
-template <typename... Args>
-void critical(fmt::format_string<Args...> format, Args&&... args) noexcept
-{
-    emit(Level::critical, format, std::forward<Args>(args)...);
-}
+inline constexpr At<Level::trace> trace;
+inline constexpr At<Level::debug> debug;
+inline constexpr At<Level::info> info;
+inline constexpr At<Level::warn> warn;
+inline constexpr At<Level::error> error;
+inline constexpr At<Level::critical> critical;
 
 } // namespace loopd::log
