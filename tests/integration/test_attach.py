@@ -8,7 +8,7 @@ import time
 
 from harness import (DEVICE_IFACE, MANAGER_IFACE, MANAGER_PATH, busctl_attach,
                      busctl_detach, busctl_device_detach, busctl_get_all,
-                     busctl_get_property, busctl_managed_objects, detach_quietly,
+                     busctl_get_property, busctl_managed_objects, detaching,
                      expected_partitions, loop_name, loopctl_attach, loopctl_attach_json,
                      loopctl_detach, main, read_text, verify_detached, verify_reply)
 
@@ -64,21 +64,17 @@ def attach_detach_busctl(env, kind):
     before = devices_count()
     started_us = time.time() * 1e6
     reply = busctl_attach(image.path)
-    diskseq, attached = reply["diskseq"], True
-    try:
+    diskseq = reply["diskseq"]
+    with detaching(reply):
         verify_reply(reply, image)  # first, before anything else can take time
         check_device_object(reply["device"], reply["devnode"], diskseq, image, started_us)
         check_listed(reply["device"], diskseq)
         assert devices_count() == before + 1, f"Devices {devices_count()}, expected {before + 1}"
 
         busctl_detach(diskseq)
-        attached = False
         verify_detached(reply["devnode"], diskseq)
         check_not_listed(reply["device"])
         assert devices_count() == before, f"Devices {devices_count()}, expected {before}"
-    finally:
-        if attached:
-            detach_quietly(diskseq)
 
 
 def test_gpt3_busctl(env):
@@ -104,18 +100,14 @@ def attach_detach_loopctl(env, kind):
     image = env.image(kind)
     reply = loopctl_attach(image.path)
     # The human output carries no diskseq: take it from sysfs, as a user would.
-    diskseq, attached = int(read_text(f"/sys/block/{loop_name(reply['devnode'])}/diskseq")), True
-    try:
+    diskseq = int(read_text(f"/sys/block/{loop_name(reply['devnode'])}/diskseq"))
+    with detaching(diskseq):  # not the reply: it has no diskseq
         verify_reply(reply, image)
         check_listed(f"/org/loopd1/device/{diskseq}", diskseq)
 
         loopctl_detach(reply["devnode"])
-        attached = False
         verify_detached(reply["devnode"], diskseq)
         check_not_listed(f"/org/loopd1/device/{diskseq}")
-    finally:
-        if attached:
-            detach_quietly(diskseq)
 
 
 def test_gpt3_loopctl(env):
@@ -141,18 +133,14 @@ def attach_detach_loopctl_json(env, kind):
     image = env.image(kind)
     started_us = time.time() * 1e6
     reply = loopctl_attach_json(image.path)
-    diskseq, attached = reply["diskseq"], True
-    try:
+    diskseq = reply["diskseq"]
+    with detaching(reply):
         verify_reply(reply, image)
         check_device_object(reply["device"], reply["devnode"], diskseq, image, started_us)
 
         loopctl_detach(diskseq)
-        attached = False
         verify_detached(reply["devnode"], diskseq)
         check_not_listed(reply["device"])
-    finally:
-        if attached:
-            detach_quietly(diskseq)
 
 
 def test_gpt3_loopctl_json(env):
@@ -176,31 +164,23 @@ def test_gpt32_loopctl_json(env):
 def test_detach_by_ref_with_loopctl(env):
     image = env.image("gpt3")
     reply = loopctl_attach_json(image.path, "--ref", "attach-test")
-    diskseq, attached = reply["diskseq"], True
-    try:
+    diskseq = reply["diskseq"]
+    with detaching(reply):
         verify_reply(reply, image)
         assert busctl_get_property(reply["device"], DEVICE_IFACE, "Ref") == "attach-test"
         loopctl_detach("attach-test")
-        attached = False
         verify_detached(reply["devnode"], diskseq)
-    finally:
-        if attached:
-            detach_quietly(diskseq)
 
 
 def test_detach_through_device_object(env):
     image = env.image("gpt3")
     reply = busctl_attach(image.path)
-    diskseq, attached = reply["diskseq"], True
-    try:
+    diskseq = reply["diskseq"]
+    with detaching(reply):
         verify_reply(reply, image)
         busctl_device_detach(reply["device"])
-        attached = False
         verify_detached(reply["devnode"], diskseq)
         check_not_listed(reply["device"])
-    finally:
-        if attached:
-            detach_quietly(diskseq)
 
 
 if __name__ == "__main__":

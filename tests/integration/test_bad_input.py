@@ -8,7 +8,7 @@ import os
 
 import dbus
 
-from harness import (CALL_TIMEOUT, ERROR_PREFIX, MANAGER_IFACE, busctl_detach, detach_quietly, expect_error,
+from harness import (CALL_TIMEOUT, ERROR_PREFIX, MANAGER_IFACE, busctl_detach, detaching, expect_error,
                      loopctl_detach, main, pydbus_attach, pydbus_call, pydbus_options,
                      read_text, run, verify_reply, CallError)
 
@@ -119,38 +119,29 @@ def test_ref_too_long(env):
     refused(env, "InvalidArgument", image.path, attach, image.path, ref=dbus.String("r" * 64))
     # 63 bytes is the limit, not past it.
     reply = attach(image.path, ref=dbus.String("r" * 63))
-    attached = True
-    try:
+    with detaching(reply):
         verify_reply(reply, image)
         busctl_detach(reply["diskseq"])
-        attached = False
-    finally:
-        if attached:
-            detach_quietly(reply["diskseq"])
 
 
 def test_duplicate_ref(env):
     first_image, second_image = env.image("none"), env.image("none")
     first = attach(first_image.path, ref=dbus.String("dup"))
-    try:
+    with detaching(first):
         verify_reply(first, first_image)
         refused(env, "InvalidArgument", second_image.path, attach, second_image.path,
                 ref=dbus.String("dup"), still_attached=[first["devnode"]])
-    finally:
-        detach_quietly(first["diskseq"])
 
 
 def test_detach_unknown_option(env):
     image = env.image("gpt3")
     reply = attach(image.path)
-    try:
+    with detaching(reply):
         diskseq = verify_reply(reply, image)
         refused(env, "InvalidArgument", diskseq, pydbus_call, "Detach", "ta{sv}",
                 [dbus.UInt64(diskseq), pydbus_options(**{"no-such-option": dbus.Boolean(True)})],
                 still_attached=[reply["devnode"]])
         verify_reply(reply, image)  # refused means untouched: still ready, partitions and all
-    finally:
-        detach_quietly(reply["diskseq"])
 
 
 # ---------------------------------------------------------------- naming devices

@@ -7,7 +7,7 @@ the device; with it, the partitions must survive."""
 
 import os
 
-from harness import (busctl_attach, busctl_detach, detach_quietly, loop_name,
+from harness import (busctl_attach, busctl_detach, detaching, loop_name,
                      main, partition_numbers_in_sysfs, read_text, run, verify_detached,
                      verify_ready, verify_reply)
 
@@ -32,8 +32,8 @@ def rewrite_one_sector(devnode):
 def test_partitions_survive_close_after_write(env):
     image = env.image("gpt3")
     reply = busctl_attach(image.path)
-    diskseq, attached = reply["diskseq"], True
-    try:
+    diskseq = reply["diskseq"]
+    with detaching(reply):
         verify_reply(reply, image)
         rewrite_one_sector(reply["devnode"])
         # The only settle in the suite: not to wait for readiness, but to let udevd
@@ -45,11 +45,7 @@ def test_partitions_survive_close_after_write(env):
         verify_ready(reply["devnode"], diskseq, image.nparts, image.table_uuid)
 
         busctl_detach(diskseq)
-        attached = False
         verify_detached(reply["devnode"], diskseq)
-    finally:
-        if attached:
-            detach_quietly(diskseq)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ moment its own reply arrives, while the others are still being set up."""
 import subprocess
 
 from harness import (CALL_TIMEOUT, CallError, Parallel, busctl_attach_cmd,
-                     detach_quietly, main, parse_busctl_attach, verify_detached, verify_reply)
+                     detaching, main, parse_busctl_attach, verify_detached, verify_reply)
 
 CLIENTS = 16
 
@@ -27,23 +27,20 @@ def test_sixteen_attaches_at_once(env):
     # Every client is running before the first reply is read.
     procs = [start(busctl_attach_cmd(image.path)) for image in images]
     replies = [None] * CLIENTS
+    held = detaching()
 
     def attach_and_verify(i):
         # Runs on its own thread so the check happens as this reply arrives.
-        replies[i] = parse_busctl_attach(reply_of(procs[i]))
+        replies[i] = held.add(parse_busctl_attach(reply_of(procs[i])))
         verify_reply(replies[i], images[i])
 
-    try:
+    with held:
         Parallel(CLIENTS, attach_and_verify).raise_first()
         devnodes = {r["devnode"] for r in replies}
         diskseqs = {r["diskseq"] for r in replies}
         assert len(devnodes) == CLIENTS, f"devnodes not distinct: {sorted(devnodes)}"
         assert len(diskseqs) == CLIENTS, f"diskseqs not distinct: {sorted(diskseqs)}"
         detach_all_at_once(replies)
-    finally:
-        for r in replies:
-            if r is not None and not r.get("detached"):
-                detach_quietly(r["diskseq"])
 
 
 def detach_all_at_once(replies):
@@ -54,7 +51,6 @@ def detach_all_at_once(replies):
 
     def detach_and_verify(i):
         reply_of(procs[i])
-        replies[i]["detached"] = True
         verify_detached(replies[i]["devnode"], replies[i]["diskseq"])
 
     Parallel(CLIENTS, detach_and_verify).raise_first()

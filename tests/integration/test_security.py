@@ -22,9 +22,9 @@ import threading
 import dbus
 
 from harness import (BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, CallError, busctl_get_property,
-                     detach_quietly, expect_error, force_detach, main, pydbus_attach,
-                     pydbus_call, pydbus_options, read_text, run, verify_detached,
-                     verify_ready, verify_reply)
+                     detach_quietly, detaching, expect_error, force_detach, main,
+                     pydbus_attach, pydbus_call, pydbus_options, read_text, run,
+                     verify_detached, verify_ready, verify_reply)
 
 USER = "loopd-test"
 USER2 = "loopd-test2"
@@ -358,10 +358,8 @@ def test_unauthorized_user_cannot_attach(env):
 
     # Not the image's fault: root may attach it.
     reply = root_attach(image)
-    try:
+    with detaching(reply):
         check_owned(reply, image, "root")
-    finally:
-        detach_quietly(reply["diskseq"])
     verify_detached(reply["devnode"], reply["diskseq"])
 
 
@@ -373,24 +371,19 @@ def test_authorized_user_attaches_and_detaches_own(env):
     give(gpt.path, USER, 0o600)
     give(mbr.path, USER, 0o600)
     user = Client(env, USER)
-    replies = []
-    try:
-        replies.append(user.attach(gpt.path))
-        check_owned(replies[-1], gpt, USER)
-        replies.append(user.attach_fd(mbr.path, "rw"))
-        check_owned(replies[-1], mbr, USER)
-        assert device_prop(replies[-1], "ReadOnly") is False
+    with detaching() as held:
+        first = held.add(user.attach(gpt.path))
+        check_owned(first, gpt, USER)
+        second = held.add(user.attach_fd(mbr.path, "rw"))
+        check_owned(second, mbr, USER)
+        assert device_prop(second, "ReadOnly") is False
         assert devices_count() == 2
 
-        user.detach(replies[0]["diskseq"])
-        verify_detached(replies[0]["devnode"], replies[0]["diskseq"])
-        user.device_detach(replies[1]["device"])
-        verify_detached(replies[1]["devnode"], replies[1]["diskseq"])
-        replies.clear()
+        user.detach(first["diskseq"])
+        verify_detached(first["devnode"], first["diskseq"])
+        user.device_detach(second["device"])
+        verify_detached(second["devnode"], second["diskseq"])
         nothing_attached(env, "loopd-test's detaches")
-    finally:
-        for r in replies:
-            detach_quietly(r["diskseq"])
 
 
 def test_detach_of_others_needs_detach_others(env):
@@ -401,13 +394,10 @@ def test_detach_of_others_needs_detach_others(env):
     root_img, user_img = env.image("gpt3"), env.image("mbr2")
     give(user_img.path, USER, 0o600)
     user, user2, user3 = Client(env, USER), Client(env, USER2), Client(env, USER3)
-    attached = []
-    try:
-        root_dev = root_attach(root_img)
-        attached.append(root_dev)
+    with detaching() as held:
+        root_dev = held.add(root_attach(root_img))
         check_owned(root_dev, root_img, "root")
-        user_dev = user.attach(user_img.path)
-        attached.append(user_dev)
+        user_dev = held.add(user.attach(user_img.path))
         check_owned(user_dev, user_img, USER)
 
         for who, client, dev, img in ((USER, user, root_dev, root_img),
@@ -422,14 +412,9 @@ def test_detach_of_others_needs_detach_others(env):
 
         user2.detach(user_dev["diskseq"])
         verify_detached(user_dev["devnode"], user_dev["diskseq"])
-        attached.remove(user_dev)
         user2.device_detach(root_dev["device"])
         verify_detached(root_dev["devnode"], root_dev["diskseq"])
-        attached.remove(root_dev)
         nothing_attached(env, "loopd-test2's detaches")
-    finally:
-        for r in attached:
-            detach_quietly(r["diskseq"])
 
 
 def test_authorized_user_cannot_attach_what_it_cannot_open(env):
@@ -464,11 +449,9 @@ def test_authorized_user_cannot_attach_what_it_cannot_open(env):
     err = denied(env, "read-write Attach of a read-only file", user.attach, readable.path)
     assert readable.path in err.message, err.message
     reply = user.attach(readable.path, **{"read-only": True})
-    try:
+    with detaching(reply):
         check_owned(reply, readable, USER)
         assert device_prop(reply, "ReadOnly") is True
-    finally:
-        detach_quietly(reply["diskseq"])
     verify_detached(reply["devnode"], reply["diskseq"])
 
 
@@ -493,10 +476,8 @@ def test_path_is_opened_with_the_callers_groups(env):
     os.chown(mine.path, 0, primary)
     os.chmod(mine.path, 0o640)
     reply = user3.attach(mine.path, **{"read-only": True})
-    try:
+    with detaching(reply):
         check_owned(reply, mine, USER3)
-    finally:
-        detach_quietly(reply["diskseq"])
     verify_detached(reply["devnode"], reply["diskseq"])
 
 
@@ -524,10 +505,8 @@ def test_path_is_opened_with_the_callers_gid_not_the_user_database(env):
     os.chown(nogroups.path, 0, nogroup)
     os.chmod(nogroups.path, 0o640)
     reply = user3.attach(nogroups.path, **{"read-only": True})
-    try:
+    with detaching(reply):
         check_owned(reply, nogroups, USER3)
-    finally:
-        detach_quietly(reply["diskseq"])
     verify_detached(reply["devnode"], reply["diskseq"])
 
 
@@ -562,10 +541,8 @@ def test_no_polkit_means_denied(env):
     give(image.path, USER, 0o600)
     user = Client(env, USER)
     reply = user.attach(image.path)  # allowed while polkitd runs
-    try:
+    with detaching(reply):
         check_owned(reply, image, USER)
-    finally:
-        detach_quietly(reply["diskseq"])
     verify_detached(reply["devnode"], reply["diskseq"])
 
     env.polkitd.terminate()
@@ -579,10 +556,8 @@ def test_no_polkit_means_denied(env):
     denied(env, "AttachFd by loopd-test without polkitd", user.attach_fd, image.path, "rw")
 
     reply = root_attach(image)
-    try:
+    with detaching(reply):
         check_owned(reply, image, "root")
-    finally:
-        detach_quietly(reply["diskseq"])
     verify_detached(reply["devnode"], reply["diskseq"])
 
 
