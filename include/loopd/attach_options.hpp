@@ -24,9 +24,16 @@ struct AttachOptions {
     ReadinessMode readiness = ReadinessMode::Auto;
 };
 
-// Longest ref: it is stored in lo_file_name, which holds 64 bytes with the NUL.
+// Longest ref: 63 bytes, as a file name of by-ref/ (and once lo_file_name's size).
 inline constexpr std::size_t maxRefLength = 63;
+// Longest readiness deadline (timeout-usec, WaitReady): past a day a deadline is a
+// mistake, not a wish; it also keeps clocks from overflowing.
+inline constexpr uint64_t maxTimeoutUsec = 86'400'000'000ULL;
 
-const char* lifetimeName(Lifetime lifetime) noexcept;
+// "persistent" or "client", as the Attach option "lifetime" spells it.
+inline const char* lifetimeName(Lifetime lifetime) noexcept
+{
+    return lifetime == Lifetime::Client ? "client" : "persistent";
+}
 
 } // namespace loopd

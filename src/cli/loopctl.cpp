@@ -1,6 +1,9 @@
 // loopctl: the command-line client of loopd (org.loopd1 on the system bus).
 #include "org.loopd1-proxy.h"
 
+#include <loopd/signals.hpp>
+#include <loopd/unique_fd.hpp>
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <sdbus-c++/sdbus-c++.h>
@@ -101,9 +104,7 @@ std::map<sdbus::ObjectPath, Properties> listDevices(sdbus::IConnection& connecti
 {
     auto proxy = sdbus::createProxy(connection, busName, managerPath);
     std::map<sdbus::ObjectPath, std::map<std::string, Properties>> objects;
-    proxy->callMethod("GetManagedObjects")
-        .onInterface("org.freedesktop.DBus.ObjectManager")
-        .storeResultsTo(objects);
+    proxy->callMethod("GetManagedObjects").onInterface("org.freedesktop.DBus.ObjectManager").storeResultsTo(objects);
     std::map<sdbus::ObjectPath, Properties> devices;
     for (auto& [path, interfaces] : objects)
         if (const auto it = interfaces.find(deviceInterface); it != interfaces.end())
@@ -111,14 +112,23 @@ std::map<sdbus::ObjectPath, Properties> listDevices(sdbus::IConnection& connecti
     return devices;
 }
 
-// A device named by devnode, ref or diskseq.
+// A device named by devnode, diskseq (all digits) or ref, in that order (API.md):
+// a ref is never all digits, and an empty name names nothing.
 std::pair<sdbus::ObjectPath, Properties> findDevice(sdbus::IConnection& connection, const std::string& name)
 {
+    const bool digits = !name.empty() && name.find_first_not_of("0123456789") == std::string::npos;
+    const char* key = name.rfind("/dev/", 0) == 0 ? "DevNode" : digits ? "DiskSeq" : "Ref";
+    // Several objects may show one devnode for a moment (an attachment still being
+    // detached, and the newer one on its number): the newest is meant.
+    std::optional<std::pair<sdbus::ObjectPath, Properties>> found;
     for (auto& [path, props] : listDevices(connection)) {
-        if (toText(props.at("DevNode")) == name || toText(props.at("Ref")) == name ||
-            std::to_string(props.at("DiskSeq").get<uint64_t>()) == name)
-            return {path, props};
+        const auto diskseq = props.at("DiskSeq").get<uint64_t>();
+        const auto value = digits ? std::to_string(diskseq) : toText(props.at(key));
+        if (!name.empty() && value == name && (!found || found->second.at("DiskSeq").get<uint64_t>() < diskseq))
+            found.emplace(path, props);
     }
+    if (found)
+        return *found;
     throw Failure("org.loopd1.Error.NotFound: no loopd device '" + name + "'");
 }
 
@@ -269,29 +279,20 @@ void readConfig(AttachArgs& args)
 // Without write permission the image is attached read-only, as losetup does.
 // Returns {fd, read-only}, or nullopt if it cannot be opened: then loopd, which
 // opens a path as its caller, is asked instead, and its error is the answer.
-std::optional<std::pair<int, bool>> openImage(const AttachArgs& args)
+std::optional<std::pair<loopd::UniqueFd, bool>> openImage(const AttachArgs& args)
 {
     if (!args.readOnly) {
-        const int fd = ::open(args.image.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-        if (fd >= 0)
-            return std::pair{fd, false};
+        loopd::UniqueFd fd(::open(args.image.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+        if (fd)
+            return std::pair{std::move(fd), false};
         if (errno != EACCES && errno != EROFS && errno != EPERM)
             return std::nullopt;
         std::cerr << args.image << ": not writable, attaching read-only\n";
     }
-    const int fd = ::open(args.image.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-    if (fd < 0)
+    loopd::UniqueFd fd(::open(args.image.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+    if (!fd)
         return std::nullopt;
-    return std::pair{fd, true};
-}
-
-sigset_t holdSignals()
-{
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGTERM);
-    sigaddset(&mask, SIGINT);
-    return mask;
+    return std::pair{std::move(fd), true};
 }
 
 // Holds the device until SIGTERM or SIGINT: loopd detaches it when this
@@ -300,42 +301,37 @@ sigset_t holdSignals()
 // it), this fails at once, so the unit holding it fails too.
 void hold(sdbus::IConnection& connection, Manager& manager, uint64_t diskseq)
 {
-    const sigset_t mask = holdSignals();
-    const int signals = ::signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
-    if (signals < 0)
+    const sigset_t mask = loopd::stopSignals();
+    const loopd::UniqueFd signals(::signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK));
+    if (!signals)
         throw Failure(std::string("signalfd: ") + std::strerror(errno));
     for (;;) {
         while (connection.processPendingRequest()) {
         }
-        if (manager.removed()) {
-            ::close(signals);
+        if (manager.removed())
             throw Failure("org.loopd1.Error.DeviceChanged: diskseq " + std::to_string(diskseq) + " was removed (" +
                           *manager.removed() + ") while held");
-        }
         const auto poll = connection.getEventLoopPollData();
-        pollfd fds[] = {{poll.fd, static_cast<short>(poll.events), 0}, {signals, POLLIN, 0}};
-        if (::poll(fds, 2, poll.getPollTimeout()) < 0 && errno != EINTR) {
-            const int err = errno;
-            ::close(signals);
-            throw Failure(std::string("poll: ") + std::strerror(err));
-        }
+        pollfd fds[] = {{poll.fd, static_cast<short>(poll.events), 0}, {signals.get(), POLLIN, 0}};
+        if (::poll(fds, 2, poll.getPollTimeout()) < 0 && errno != EINTR)
+            throw Failure(std::string("poll: ") + std::strerror(errno));
         if (fds[1].revents & POLLIN)
             break;
     }
-    ::close(signals);
     manager.Detach(diskseq, {});
 }
 
 int attach(sdbus::IConnection& connection, const AttachArgs& args)
 {
     if (args.hold) { // before any thread exists, so only the signalfd gets them
-        const sigset_t mask = holdSignals();
-        pthread_sigmask(SIG_BLOCK, &mask, nullptr);
+        const sigset_t mask = loopd::stopSignals();
+        if (const int err = pthread_sigmask(SIG_BLOCK, &mask, nullptr); err != 0)
+            throw Failure(std::string("pthread_sigmask: ") + std::strerror(err));
     }
     Manager manager(connection);
     AttachReply reply;
-    if (const auto opened = openImage(args)) {
-        const sdbus::UnixFd unixFd(opened->first, sdbus::adopt_fd);
+    if (auto opened = openImage(args)) {
+        const sdbus::UnixFd unixFd(opened->first.release(), sdbus::adopt_fd);
         reply = manager.AttachFd(unixFd, attachOptions(args, opened->second || args.readOnly));
     } else {
         // loopd opens the path as this caller: it grants nothing more, and names
@@ -346,7 +342,9 @@ int attach(sdbus::IConnection& connection, const AttachArgs& args)
         // Before READY=1: a removal after this is seen, and one before it shows as
         // the object being gone now.
         manager.watch(std::get<2>(reply));
-        sdbus::createProxy(connection, busName, std::get<0>(reply))->getProperty("DiskSeq").onInterface(deviceInterface);
+        sdbus::createProxy(connection, busName, std::get<0>(reply))
+            ->getProperty("DiskSeq")
+            .onInterface(deviceInterface);
     }
     printReady(reply, args.json);
     if (args.hold) {

@@ -1,7 +1,5 @@
 #include <loopd/error.hpp>
 
-#include <loopd/attach_options.hpp>
-
 namespace loopd {
 
 const char* errcName(Errc code) noexcept
@@ -25,11 +23,6 @@ const char* errcName(Errc code) noexcept
         break;
     }
     return "Failed";
-}
-
-const char* lifetimeName(Lifetime lifetime) noexcept
-{
-    return lifetime == Lifetime::Client ? "client" : "persistent";
 }
 
 } // namespace loopd

@@ -16,13 +16,12 @@ std::string typeName(const OptionValue& value)
     return names[value.index()];
 }
 
-template <typename T>
-const T& expect(const std::string& key, const OptionValue& value, const char* signature)
+template <typename T> const T& expect(const std::string& key, const OptionValue& value, const char* signature)
 {
     if (const auto* v = std::get_if<T>(&value))
         return *v;
-    throw Error(Errc::InvalidArgument, "option '" + key + "' must have type '" + signature + "', got '" +
-                                           typeName(value) + "'");
+    throw Error(Errc::InvalidArgument,
+                "option '" + key + "' must have type '" + signature + "', got '" + typeName(value) + "'");
 }
 
 [[noreturn]] void badValue(const std::string& key, const std::string& why)
@@ -63,8 +62,7 @@ const std::map<std::string, Setter, std::less<>>& attachSetters()
         {"partscan", [](auto& o, auto& k, auto& v) { o.partscan = expect<bool>(k, v, "b"); }},
         {"autoclear", [](auto& o, auto& k, auto& v) { o.autoclear = expect<bool>(k, v, "b"); }},
         {"offset", [](auto& o, auto& k, auto& v) { o.offset = multipleOf512(k, expect<uint64_t>(k, v, "t")); }},
-        {"size-limit",
-         [](auto& o, auto& k, auto& v) { o.sizeLimit = multipleOf512(k, expect<uint64_t>(k, v, "t")); }},
+        {"size-limit", [](auto& o, auto& k, auto& v) { o.sizeLimit = multipleOf512(k, expect<uint64_t>(k, v, "t")); }},
         {"sector-size",
          [](auto& o, auto& k, auto& v) {
              const auto size = expect<uint32_t>(k, v, "u");
@@ -83,15 +81,15 @@ const std::map<std::string, Setter, std::less<>>& attachSetters()
          [](auto& o, auto& k, auto& v) {
              const auto& s = expect<std::string>(k, v, "s");
              if (!isValidRef(s))
-                 badValue(k, "'" + printable(s.substr(0, 80)) + "' is not 1 to 63 printable bytes without '/'");
+                 badValue(k, "'" + printable(s.substr(0, 80)) +
+                                 "' is not 1 to 63 bytes of [A-Za-z0-9._-], not all digits, not '.' or '..'");
              o.ref = s;
          }},
         {"timeout-usec",
          [](auto& o, auto& k, auto& v) {
              const auto usec = expect<uint64_t>(k, v, "t");
-             // Past a day a deadline is a mistake, not a wish; it also keeps clocks from overflowing.
-             if (usec == 0 || usec > 86'400'000'000ULL)
-                 badValue(k, std::to_string(usec) + " is not between 1 and 86400000000");
+             if (usec == 0 || usec > maxTimeoutUsec)
+                 badValue(k, std::to_string(usec) + " is not between 1 and " + std::to_string(maxTimeoutUsec));
              o.timeout = std::chrono::microseconds(usec);
          }},
         {"readiness",
@@ -116,7 +114,13 @@ bool isValidRef(const std::string& ref) noexcept
 {
     if (ref.empty() || ref.size() > maxRefLength || ref == "." || ref == "..")
         return false;
-    return std::all_of(ref.begin(), ref.end(), [](char c) { return c >= ' ' && c < 0x7f && c != '/'; });
+    auto digit = [](char c) { return c >= '0' && c <= '9'; };
+    // All digits would read as a diskseq wherever names resolve (WaitReady, loopctl).
+    if (std::all_of(ref.begin(), ref.end(), digit))
+        return false;
+    return std::all_of(ref.begin(), ref.end(), [&](char c) {
+        return digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '.' || c == '_' || c == '-';
+    });
 }
 
 AttachOptions parseAttachOptions(const OptionMap& options)

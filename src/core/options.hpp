@@ -24,7 +24,8 @@ AttachOptions parseAttachOptions(const OptionMap& options);
 // Detach takes no options yet; any key is refused rather than silently ignored.
 void parseDetachOptions(const OptionMap& options);
 
-// A ref is 1..63 printable ASCII bytes without '/': it becomes a file name.
+// A ref is 1..63 bytes of [A-Za-z0-9._-], not all digits (a diskseq), not "." or
+// "..": it becomes a file name under by-ref/.
 bool isValidRef(const std::string& ref) noexcept;
 
 } // namespace loopd::core

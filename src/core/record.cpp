@@ -24,8 +24,8 @@ const char* stateName(Record::State state)
 
 std::optional<Record::State> parseState(const std::string& name)
 {
-    for (const auto state : {Record::State::Intent, Record::State::Configured, Record::State::Owned,
-                             Record::State::Detaching})
+    for (const auto state :
+         {Record::State::Intent, Record::State::Configured, Record::State::Owned, Record::State::Detaching})
         if (name == stateName(state))
             return state;
     return std::nullopt;
@@ -33,9 +33,9 @@ std::optional<Record::State> parseState(const std::string& name)
 
 } // namespace
 
-std::string loFileName(const std::string& ref, const std::string& token)
+std::string loFileName(const std::string& token)
 {
-    return ref.empty() ? "loopd:" + token : ref;
+    return "loopd:" + token;
 }
 
 std::string serialize(const Record& r)

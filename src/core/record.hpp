@@ -30,10 +30,10 @@ struct Record {
     uint64_t readyTimestamp = 0;
 };
 
-// The lo_file_name loopd gives the kernel: the ref, the device's name for humans;
-// without one, "loopd:<token>", which lets a restart recognise a device a crash
-// left between LOOP_CONFIGURE and its record.
-std::string loFileName(const std::string& ref, const std::string& token);
+// The lo_file_name loopd gives the kernel: "loopd:<token>", a tag no other tool
+// sets by accident (the token is a random UUID, kept in the record). A restart
+// recognises its own devices by it, never by a ref anyone could also set.
+std::string loFileName(const std::string& token);
 
 std::string serialize(const Record& record);
 // nullopt for anything that is not a well-formed record (a torn or foreign file).

@@ -30,7 +30,7 @@ enum class Goal { Ready, Released };
 struct Nudge {
     Goal goal = Goal::Ready; // Released: the remove events are missing; re-read instead
     Watch watch;
-    unsigned attempt = 1; // 1 for a request's first nudge, 2 for the next...
+    unsigned attempt = 1;             // 1 for a request's first nudge, 2 for the next...
     bool disk = false;                // the disk's event is missing
     std::vector<unsigned> partitions; // these partitions' events are missing
 };

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <system_error>
 
 namespace loopd::kernel {
@@ -26,10 +27,11 @@ public:
             return;
         if (::syscall(SYS_setgroups, caller.groups.size(), caller.groups.data()) < 0)
             throw std::system_error(errno, std::generic_category(), "setgroups");
-        ::syscall(SYS_setfsgid, caller.gid);
-        ::syscall(SYS_setfsuid, caller.uid);
-        // setfsuid reports the previous value, never an error: check it took.
-        if (::syscall(SYS_setfsuid, -1) != static_cast<long>(caller.uid)) {
+        if (!switchTo(SYS_setfsgid, caller.gid)) {
+            restore();
+            throw std::system_error(EPERM, std::generic_category(), "setfsgid");
+        }
+        if (!switchTo(SYS_setfsuid, caller.uid)) {
             restore();
             throw std::system_error(EPERM, std::generic_category(), "setfsuid");
         }
@@ -43,13 +45,29 @@ public:
     ThreadIdentity& operator=(const ThreadIdentity&) = delete;
 
 private:
-    static void restore()
+    // setfsuid/setfsgid report the previous id, never an error: whether the switch
+    // took shows in what a second call with an invalid id (-1, which changes
+    // nothing) reports as current.
+    static bool switchTo(long call, unsigned id) noexcept
     {
-        ::syscall(SYS_setfsuid, 0);
-        ::syscall(SYS_setfsgid, 0);
-        ::syscall(SYS_setgroups, 0, nullptr);
+        ::syscall(call, id);
+        return ::syscall(call, -1) == static_cast<long>(id);
+    }
+    // Back to the thread's own file-system ids, and no supplementary groups (loopd
+    // needs none). A worker left with a caller's identity would do its next job as
+    // that caller, and a destructor cannot throw: stop rather than go on. Cannot
+    // happen while loopd keeps the CAP_SETUID and CAP_SETGID it switched with.
+    void restore() noexcept
+    {
+        const bool uid = switchTo(SYS_setfsuid, uid_);
+        const bool gid = switchTo(SYS_setfsgid, gid_);
+        if (!uid || !gid || ::syscall(SYS_setgroups, 0, nullptr) != 0)
+            std::abort();
     }
     bool active_;
+    // The thread's own ids, as they were before the switch.
+    unsigned uid_ = static_cast<unsigned>(::syscall(SYS_setfsuid, -1));
+    unsigned gid_ = static_cast<unsigned>(::syscall(SYS_setfsgid, -1));
 };
 
 [[noreturn]] void invalid(const std::string& what, const std::string& why)
@@ -90,7 +108,7 @@ UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& calle
 
 BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset)
 {
-    struct stat st{};
+    struct stat st {};
     if (::fstat(fd.get(), &st) < 0)
         throw std::system_error(errno, std::generic_category(), "fstat " + what);
 
@@ -108,8 +126,8 @@ BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset)
                                              : "is not a regular file or block device");
     }
     if (offset >= file.size)
-        invalid(what, "is " + std::to_string(file.size) + " bytes, offset " + std::to_string(offset) +
-                          " is past its end");
+        invalid(what,
+                "is " + std::to_string(file.size) + " bytes, offset " + std::to_string(offset) + " is past its end");
 
     const int accmode = ::fcntl(fd.get(), F_GETFL);
     file.writable = accmode >= 0 && (accmode & O_ACCMODE) == O_RDWR;

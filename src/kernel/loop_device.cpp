@@ -205,3 +205,17 @@ void clear(int loopFd)
 }
 
 } // namespace loopd::kernel
+
+namespace loopd::kernel {
+
+void setAutoclear(int loopFd, bool on)
+{
+    loop_info64 info{};
+    if (ioctlRetry(loopFd, LOOP_GET_STATUS64, &info) < 0)
+        fail("LOOP_GET_STATUS64");
+    info.lo_flags = on ? (info.lo_flags | LO_FLAGS_AUTOCLEAR) : (info.lo_flags & ~LO_FLAGS_AUTOCLEAR);
+    if (ioctlRetry(loopFd, LOOP_SET_STATUS64, &info) < 0)
+        fail("LOOP_SET_STATUS64");
+}
+
+} // namespace loopd::kernel

@@ -8,8 +8,10 @@
 #include <optional>
 #include <string>
 
-// Thin wrappers over the loop driver's ioctls. Everything here blocks and runs on
-// worker threads. Failures throw std::system_error with the syscall named.
+// Thin wrappers over the loop driver's ioctls. loopDevNode and partitionDevNode
+// only format a path (no syscall): the loop thread uses them too. Everything else
+// (open, flock, ioctl) may block and runs on worker threads. Failures throw
+// std::system_error with the syscall named.
 namespace loopd::kernel {
 
 // What LOOP_CONFIGURE is asked to apply.
@@ -38,6 +40,7 @@ struct LoopStatus {
     std::string fileName; // lo_file_name
 };
 
+// "/dev/loopN" and "/dev/loopNpK": string formatting only, safe on any thread.
 std::string loopDevNode(unsigned number);
 std::string partitionDevNode(unsigned number, unsigned partition);
 
@@ -76,5 +79,9 @@ uint32_t logicalBlockSize(int loopFd);
 // LOOP_CLR_FD. Since 6.11 the release happens at the last close; with other
 // openers it only marks the device autoclear.
 void clear(int loopFd);
+
+// LOOP_SET_STATUS64 with LO_FLAGS_AUTOCLEAR set or cleared, the rest as it is: takes
+// back the autoclear a LOOP_CLR_FD left on a device that is still open elsewhere.
+void setAutoclear(int loopFd, bool on);
 
 } // namespace loopd::kernel

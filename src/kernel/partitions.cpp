@@ -77,8 +77,8 @@ std::vector<PartitionSpec> probePartitions(int fd)
         const auto size = blkid_partition_get_size(part);
         if (number <= 0 || start < 0 || size <= 0)
             continue;
-        specs.push_back({static_cast<unsigned>(number), static_cast<uint64_t>(start) * 512,
-                         static_cast<uint64_t>(size) * 512});
+        specs.push_back(
+            {static_cast<unsigned>(number), static_cast<uint64_t>(start) * 512, static_cast<uint64_t>(size) * 512});
     }
     std::sort(specs.begin(), specs.end(), [](auto& a, auto& b) { return a.number < b.number; });
     return specs;

@@ -3,7 +3,10 @@
 #include <cstdint>
 #include <vector>
 
-// Partition tables and block-device partitions. Blocking; runs on workers.
+// Partition tables and block-device partitions. probePartitions, addPartition and
+// removePartition do I/O on the device and block (removePartition for seconds):
+// workers only. existingPartitions is a sysfs directory listing, cheap and
+// non-blocking: the loop thread uses it too.
 namespace loopd::kernel {
 
 struct PartitionSpec {
@@ -25,7 +28,7 @@ bool addPartition(int fd, const PartitionSpec& spec);
 // partition is open) is retried for up to a few seconds before it is an error.
 void removePartition(int fd, unsigned number);
 
-// Partition numbers the kernel has for loopN now (from sysfs), in order.
+// Partition numbers the kernel has for loopN now (from sysfs), in order. Non-blocking.
 std::vector<unsigned> existingPartitions(unsigned loopNumber);
 
 } // namespace loopd::kernel

@@ -4,7 +4,8 @@
 #include <optional>
 #include <string>
 
-// Reads of /sys/block/loopN. Cheap, non-blocking on sysfs.
+// /sys/block/loopN. The reads are cheap and non-blocking: the loop thread uses
+// them. triggerChange writes, making the kernel emit a uevent: workers call it.
 namespace loopd::kernel {
 
 // The device's current diskseq; nullopt if loopN does not exist.

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <filesystem>
@@ -160,16 +161,42 @@ void removePartitions(int loopFd, const DeviceInfo& info)
         kernel::removePartition(loopFd, *it);
 }
 
-// A partition that is mounted or otherwise claimed cannot be removed (BLKPG says
-// EBUSY): find out before touching anything, so a refused detach changes nothing.
-void checkPartitionsUnclaimed(const DeviceInfo& info)
+// A disk or partition that is mounted or otherwise claimed (an O_EXCL opener:
+// mount, LVM, dm, mkfs) refuses a second exclusive open with EBUSY, and BLKPG
+// could not remove such a partition anyway: find out before touching anything,
+// so a refused detach changes nothing.
+void checkUnclaimed(const DeviceInfo& info)
 {
-    for (const auto partition : info.partitions) {
-        const auto node = kernel::partitionDevNode(info.number, partition);
+    auto check = [](const std::string& node) {
         UniqueFd probe(::open(node.c_str(), O_RDONLY | O_CLOEXEC | O_EXCL | O_NONBLOCK));
         if (!probe && errno == EBUSY)
-            throw Error(Errc::Busy, node + " is in use (mounted or claimed)");
-    }
+            throw Error(Errc::Busy, node + " is in use (mounted or claimed); nothing was changed");
+    };
+    check(kernel::loopDevNode(info.number));
+    for (const auto partition : info.partitions)
+        check(kernel::partitionDevNode(info.number, partition));
+}
+
+// LOOP_CLR_FD found the disk open elsewhere (a plain open, not a claim): it only
+// set autoclear. Take the device back as it was before the detach began: reopen
+// it (an opener of our own keeps the release from happening meanwhile), clear
+// autoclear, re-add the partitions, hold LOCK_SH again. nullopt when it was
+// released after all (the other opener closed first).
+std::optional<UniqueFd> takeBack(const DeviceInfo& info)
+{
+    UniqueFd fd(::open(kernel::loopDevNode(info.number).c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd && (errno == ENXIO || errno == ENOENT))
+        return std::nullopt;
+    if (!fd)
+        throw std::system_error(errno, std::generic_category(), "open " + kernel::loopDevNode(info.number));
+    if (kernel::diskseq(fd.get()) != info.diskseq || !kernel::getStatus(fd.get()))
+        return std::nullopt;
+    kernel::setAutoclear(fd.get(), false);
+    for (const auto& spec : kernel::probePartitions(fd.get()))
+        if (std::find(info.partitions.begin(), info.partitions.end(), spec.number) != info.partitions.end())
+            kernel::addPartition(fd.get(), spec);
+    kernel::lockFd(fd.get(), LOCK_SH);
+    return fd;
 }
 
 // Released is a newer diskseq in sysfs (or no device at all), not just a missing
@@ -233,6 +260,8 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
     auto& info = attached.info;
     info.number = configured.number;
     info.diskseq = configured.diskseq;
+    info.backingDevice = backing.device; // the configured record names its file, as the intent did
+    info.backingInode = backing.inode;
     try {
         record.state = core::Record::State::Configured;
         record.info = info;
@@ -249,16 +278,22 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
     return attached;
 }
 
-bool detach(UniqueFd& lockFd, const DeviceInfo& info)
+DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info)
 {
-    checkPartitionsUnclaimed(info);
+    checkUnclaimed(info);
     removePartitions(lockFd.get(), info);
     // Cleared through the one fd loopd holds, then closed: with no other opener the
     // kernel (6.11+) releases the device at this close; with others it only sets
     // autoclear and the release waits for their last close.
     kernel::clear(lockFd.get());
     lockFd.reset();
-    return releasedSoon(info);
+    if (releasedSoon(info))
+        return DetachOutcome::Released;
+    auto back = takeBack(info);
+    if (!back)
+        return DetachOutcome::Released;
+    lockFd = std::move(*back);
+    return DetachOutcome::TakenBack;
 }
 
 void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
@@ -279,6 +314,13 @@ void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
             return;
         removePartitions(lockFd.get(), info);
         kernel::clear(lockFd.get());
+        // The failed call's reply says nothing is left attached: wait for the
+        // release that a udev worker still probing the device may delay briefly.
+        lockFd.reset();
+        if (!releasedSoon(info))
+            log::warn("undo of an attach: dev={} diskseq={} is still open elsewhere; the kernel releases it at "
+                      "its last close",
+                      kernel::loopDevNode(info.number), info.diskseq);
     } catch (const std::exception& e) {
         log::warn("undo of an attach failed dev={} diskseq={}: {}", kernel::loopDevNode(info.number), info.diskseq,
                   e.what());
@@ -299,6 +341,18 @@ std::optional<UniqueFd> openIfStill(unsigned number, uint64_t diskseq)
     return fd;
 }
 
+// Still loopd's: the recorded backing file and loopd's tag in lo_file_name
+// (core::loFileName), which no other tool sets.
+bool isTagged(int fd, const core::Record& record)
+{
+    const auto status = kernel::getStatus(fd);
+    // Configured records of loopd 0.1 carry no backing file: the tag decides alone.
+    const bool unknownFile = record.info.backingDevice == 0 && record.info.backingInode == 0;
+    return status && status->fileName == record.fileName &&
+           (unknownFile ||
+            (status->backingDevice == record.info.backingDevice && status->backingInode == record.info.backingInode));
+}
+
 void releaseDevice(int fd, unsigned number)
 {
     for (const auto partition : kernel::existingPartitions(number))
@@ -315,8 +369,7 @@ std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
     auto fd = openIfStill(info.number, info.diskseq);
     if (!fd)
         return std::nullopt;
-    const auto status = kernel::getStatus(fd->get());
-    if (!status || status->backingDevice != info.backingDevice || status->backingInode != info.backingInode)
+    if (!isTagged(fd->get(), record))
         return std::nullopt;
     kernel::lockFd(fd->get(), LOCK_SH);
     const auto present = kernel::existingPartitions(info.number);
@@ -330,7 +383,7 @@ std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
 
 void releaseRecorded(const core::Record& record)
 {
-    if (auto fd = openIfStill(record.info.number, record.info.diskseq))
+    if (auto fd = openIfStill(record.info.number, record.info.diskseq); fd && isTagged(fd->get(), record))
         releaseDevice(fd->get(), record.info.number);
 }
 

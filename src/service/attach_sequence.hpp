@@ -35,11 +35,17 @@ kernel::BackingFile checkBacking(UniqueFd fd, const std::string& what, const Att
 Attached attach(const kernel::BackingFile& backing, const AttachOptions& options, core::Record& record,
                 const RecordStore& records);
 
-// Removes partitions, clears the device and closes lockFd. Throws Error(Busy) and
-// leaves the device (and lockFd) as it was when a partition is in use. Returns false
-// when the device is still open elsewhere: the kernel then releases it at that
-// opener's last close (autoclear).
-bool detach(UniqueFd& lockFd, const DeviceInfo& info);
+enum class DetachOutcome {
+    Released,  // the kernel released the attachment
+    TakenBack, // still open elsewhere after the clear: taken back as it was
+};
+
+// Removes partitions, clears the device and closes lockFd; Released once the
+// kernel released it. Throws Error(Busy) when the disk or a partition is claimed
+// (mounted: nothing touched). TakenBack when the disk is still open elsewhere
+// after the clear: autoclear taken off again, partitions re-added, lockFd a new
+// LOCK_SH fd; the caller waits for udev to see the partitions again.
+DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info);
 
 // Undoes a failed attach: the same as detach, but best effort.
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;

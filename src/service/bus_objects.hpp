@@ -36,8 +36,7 @@ public:
                             core::OptionMap options) = 0;
     virtual void attachFd(AttachResult&& result, const std::string& sender, sdbus::UnixFd fd,
                           core::OptionMap options) = 0;
-    virtual void detach(VoidResult&& result, const std::string& sender, uint64_t diskseq,
-                        core::OptionMap options) = 0;
+    virtual void detach(VoidResult&& result, const std::string& sender, uint64_t diskseq, core::OptionMap options) = 0;
     virtual void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) = 0;
     virtual std::string readinessSource() const = 0;
     virtual uint32_t deviceCount() const = 0;

@@ -6,15 +6,16 @@
 namespace loopd::service {
 namespace {
 
+// A caller's own lack of permission is decided (and named AccessDenied) where it
+// is checked: polkit, or opening the file as the caller. An EPERM or EACCES that
+// reaches here is loopd's own (its sandbox, a seccomp filter): Failed, naming the
+// syscall or path, never blamed on the caller.
 Errc fromErrno(int err)
 {
     switch (err) {
     case ENOENT:
     case ENXIO:
         return Errc::NotFound;
-    case EACCES:
-    case EPERM:
-        return Errc::AccessDenied;
     case EBUSY:
         return Errc::Busy;
     case EINVAL:

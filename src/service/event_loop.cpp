@@ -67,13 +67,13 @@ void EventLoop::run()
         }
         for (int i = 0; i < n; ++i) {
             const int fd = events[static_cast<std::size_t>(i)].data.fd;
+            const auto it = handlers_.find(fd); // none for the bus fd: prepare() reads it
+            if (it == handlers_.end())
+                continue;
             // A handler's failure (a reply the bus refused, a sysfs read that went
             // wrong) is logged where it happened or here; the daemon serves on.
             try {
-                if (fd == busFd_)
-                    onBus_();
-                else if (const auto it = handlers_.find(fd); it != handlers_.end())
-                    it->second();
+                it->second();
             } catch (const std::exception& e) {
                 log::error("event handler failed: {}", e.what());
             }

@@ -11,13 +11,14 @@ namespace loopd::service {
 
 // epoll over a few fds plus one deadline source; single-threaded. The D-Bus
 // connection's fd and events change as sdbus-c++ wants, so they are re-read every
-// iteration through the prepare hook.
+// iteration through the prepare hook; the bus fd only wakes the loop, and the next
+// prepare() processes what arrived.
 class EventLoop {
 public:
     using Clock = std::chrono::steady_clock;
     struct Wait {
-        int fd = -1;             // the bus fd, or -1
-        uint32_t events = 0;     // its epoll events
+        int fd = -1;         // the bus fd, or -1
+        uint32_t events = 0; // its epoll events
         std::optional<Clock::time_point> deadline;
     };
 
@@ -26,7 +27,6 @@ public:
     void watch(int fd, std::function<void()> onReadable);
     // Called at the top of every iteration: does pending work, says what to wait for.
     void setPrepare(std::function<Wait()> prepare) { prepare_ = std::move(prepare); }
-    void setOnBus(std::function<void()> onBus) { onBus_ = std::move(onBus); }
 
     void run();
     void stop() { running_ = false; }
@@ -37,7 +37,6 @@ private:
     UniqueFd epoll_;
     std::map<int, std::function<void()>> handlers_;
     std::function<Wait()> prepare_;
-    std::function<void()> onBus_;
     int busFd_ = -1;
     uint32_t busEvents_ = 0;
     bool running_ = true;

@@ -4,6 +4,7 @@
 #include "log.hpp"
 
 #include <CLI/CLI.hpp>
+#include <loopd/signals.hpp>
 #include <sdbus-c++/Error.h>
 
 #include <malloc.h>
@@ -36,7 +37,14 @@ int main(int argc, char** argv)
                    "prefixed 'kernel:', the kernel's events instead");
     app.add_option("--test-seed", config.drops.seed, "TESTS ONLY: seed for --test-drop random:P");
     app.set_version_flag("--version", LOOPD_VERSION);
-    CLI11_PARSE(app, argc, argv);
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        // --help and --version exit 0; any bad command line exits 2, as usage
+        // errors do everywhere (CLI11's own codes, 105 and up, mean nothing to admins).
+        const int code = app.exit(e);
+        return code == 0 ? 0 : 2;
+    }
     try {
         for (const auto& rule : dropRules) {
             if (rule.rfind("kernel:", 0) == 0)
@@ -58,10 +66,7 @@ int main(int argc, char** argv)
     mallopt(M_ARENA_MAX, 1);
 
     // Before any thread starts, so only the signalfd ever sees these.
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGTERM);
-    sigaddset(&mask, SIGINT);
+    const auto mask = loopd::stopSignals();
     pthread_sigmask(SIG_BLOCK, &mask, nullptr);
     std::signal(SIGPIPE, SIG_IGN);
 

@@ -1,7 +1,7 @@
 #include "record_store.hpp"
 
-#include <loopd/unique_fd.hpp>
 #include <loopd/log.hpp>
+#include <loopd/unique_fd.hpp>
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 #include <system_error>
 
 namespace loopd::service {
@@ -54,17 +55,48 @@ void RecordStore::write(const core::Record& record) const
         throw std::system_error(written < 0 ? errno : EIO, std::generic_category(), "write " + path);
 }
 
+namespace {
+
+[[noreturn]] void fail(int err, const std::string& what)
+{
+    throw std::system_error(err, std::generic_category(), what);
+}
+
+// All of text to fd, short writes and EINTR retried.
+void writeAll(int fd, std::string_view text, const std::string& path)
+{
+    while (!text.empty()) {
+        const auto written = ::write(fd, text.data(), text.size());
+        if (written < 0 && errno == EINTR)
+            continue;
+        if (written <= 0)
+            fail(written < 0 ? errno : EIO, "write " + path);
+        text.remove_prefix(static_cast<std::size_t>(written));
+    }
+}
+
+} // namespace
+
+// No fsync: only loopd's own death matters (see the class comment; the records
+// live in /run), and against that rename() is atomic. A flush would only block.
 void RecordStore::replace(const std::string& path, const std::string& text) const
 {
     const auto temporary = path + ".tmp";
-    {
-        std::ofstream out(temporary, std::ios::trunc);
-        out << text << std::flush;
-        if (!out)
-            throw std::system_error(errno, std::generic_category(), "write " + temporary);
+    // As write() opens a record: never through a symlink, never readable by others
+    // whatever the umask. O_TRUNC: a temporary left by a replace that failed.
+    UniqueFd fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+    if (!fd)
+        fail(errno, "open " + temporary);
+    try {
+        writeAll(fd.get(), text, temporary);
+        if (::close(fd.release()) < 0)
+            fail(errno, "close " + temporary);
+        if (::rename(temporary.c_str(), path.c_str()) < 0)
+            fail(errno, "rename " + temporary);
+    } catch (...) {
+        ::unlink(temporary.c_str()); // best effort: loadAll() removes any that remain
+        throw;
     }
-    if (::rename(temporary.c_str(), path.c_str()) < 0)
-        throw std::system_error(errno, std::generic_category(), "rename " + temporary);
 }
 
 void RecordStore::remove(const core::Record& record) const

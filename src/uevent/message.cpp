@@ -2,8 +2,7 @@
 
 #include <cstring>
 #include <limits>
-#include <map>
-#include <string>
+#include <string_view>
 
 namespace loopd::uevent {
 
@@ -65,47 +64,8 @@ std::optional<Uevent> makeUevent(EventSource source, const char* action, const c
     const auto name = parseLoopName(sysname);
     if (!name)
         return std::nullopt;
-    return Uevent{source, parseAction(action), name->first, name->second, parseDiskseq(diskseq),
-                  synthUuid ? synthUuid : ""};
-}
-
-std::optional<Uevent> parseKernelUevent(std::string_view message)
-{
-    // Fields are NUL-terminated; the last one may lack its NUL (a truncated read).
-    auto next = [&message]() {
-        const auto end = message.find('\0');
-        const auto field = message.substr(0, end);
-        message.remove_prefix(end == std::string_view::npos ? message.size() : end + 1);
-        return field;
-    };
-    const auto header = next();
-    const auto at = header.find('@');
-    if (at == 0 || at == std::string_view::npos)
-        return std::nullopt; // also rejects udevd's "libudev" messages
-    std::map<std::string, std::string, std::less<>> properties;
-    while (!message.empty()) {
-        const auto field = next();
-        const auto equals = field.find('=');
-        if (equals == 0 || equals == std::string_view::npos)
-            return std::nullopt;
-        properties.insert_or_assign(std::string(field.substr(0, equals)), std::string(field.substr(equals + 1)));
-    }
-    auto get = [&properties](std::string_view key) -> const std::string* {
-        const auto it = properties.find(key);
-        return it == properties.end() ? nullptr : &it->second;
-    };
-    const auto* action = get("ACTION");
-    const auto* devpath = get("DEVPATH");
-    const auto* subsystem = get("SUBSYSTEM");
-    if (!action || !devpath || !subsystem || *subsystem != "block" || *action != header.substr(0, at) ||
-        *devpath != header.substr(at + 1))
-        return std::nullopt;
-    const auto slash = devpath->rfind('/');
-    const auto sysname = slash == std::string::npos ? *devpath : devpath->substr(slash + 1);
-    const auto* diskseq = get("DISKSEQ");
-    const auto* uuid = get("SYNTH_UUID");
-    return makeUevent(EventSource::Kernel, action->c_str(), sysname.c_str(), diskseq ? diskseq->c_str() : nullptr,
-                      uuid ? uuid->c_str() : nullptr);
+    const auto [number, partition] = *name;
+    return Uevent{source, parseAction(action), number, partition, parseDiskseq(diskseq), synthUuid ? synthUuid : ""};
 }
 
 } // namespace loopd::uevent

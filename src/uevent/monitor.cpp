@@ -1,6 +1,7 @@
 #include "monitor.hpp"
 
 #include <loopd/log.hpp>
+#include <loopd/unique_fd.hpp>
 
 #include <libudev.h>
 #include <sys/socket.h>
@@ -33,20 +34,38 @@ std::optional<Uevent> toUevent(udev_device* device, EventSource source)
 
 } // namespace
 
+void UdevUnref::operator()(udev* handle) const noexcept
+{
+    udev_unref(handle);
+}
+
+void UdevUnref::operator()(udev_device* handle) const noexcept
+{
+    udev_device_unref(handle);
+}
+
+void UdevUnref::operator()(udev_enumerate* handle) const noexcept
+{
+    udev_enumerate_unref(handle);
+}
+
+void UdevUnref::operator()(udev_monitor* handle) const noexcept
+{
+    udev_monitor_unref(handle);
+}
+
 bool udevRunning()
 {
     // The socket file outlives a udevd that was killed; only a listener accepts.
     // A non-blocking connect answers at once either way.
-    const int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
+    const UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!fd)
         return false;
     sockaddr_un address{};
     address.sun_family = AF_UNIX;
     std::strncpy(address.sun_path, "/run/udev/control", sizeof(address.sun_path) - 1);
-    const bool listening = ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 ||
-                           errno == EAGAIN || errno == EINPROGRESS;
-    ::close(fd);
-    return listening;
+    return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 || errno == EAGAIN ||
+           errno == EINPROGRESS;
 }
 
 void DropRules::add(const std::string& rule)
@@ -105,66 +124,52 @@ UdevEntry readEntry(udev_device* device)
 std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number)
 {
     std::map<unsigned, UdevEntry> entries;
-    udev* context = udev_new();
+    const UdevPtr<udev> context(udev_new());
     if (!context)
         return entries;
-    udev_enumerate* enumerate = udev_enumerate_new(context);
+    const UdevPtr<udev_enumerate> enumerate(udev_enumerate_new(context.get()));
     const auto disk = "loop" + std::to_string(number);
-    if (enumerate && udev_enumerate_add_match_subsystem(enumerate, "block") >= 0 &&
-        udev_enumerate_add_match_sysname(enumerate, disk.c_str()) >= 0 &&
-        udev_enumerate_add_match_sysname(enumerate, (disk + "p*").c_str()) >= 0 &&
-        udev_enumerate_scan_devices(enumerate) >= 0) {
-        udev_list_entry* entry;
-        udev_list_entry_foreach(entry, udev_enumerate_get_list_entry(enumerate))
-        {
-            udev_device* device = udev_device_new_from_syspath(context, udev_list_entry_get_name(entry));
-            if (!device)
-                continue;
-            const auto name = parseLoopName(udev_device_get_sysname(device));
-            if (name && name->first == number)
-                entries[name->second] = readEntry(device);
-            udev_device_unref(device);
-        }
+    if (!enumerate || udev_enumerate_add_match_subsystem(enumerate.get(), "block") < 0 ||
+        udev_enumerate_add_match_sysname(enumerate.get(), disk.c_str()) < 0 ||
+        udev_enumerate_add_match_sysname(enumerate.get(), (disk + "p*").c_str()) < 0 ||
+        udev_enumerate_scan_devices(enumerate.get()) < 0)
+        return entries;
+    udev_list_entry* entry;
+    udev_list_entry_foreach(entry, udev_enumerate_get_list_entry(enumerate.get()))
+    {
+        const UdevPtr<udev_device> device(udev_device_new_from_syspath(context.get(), udev_list_entry_get_name(entry)));
+        if (!device)
+            continue;
+        const auto name = parseLoopName(udev_device_get_sysname(device.get()));
+        if (name && name->first == number)
+            entries[name->second] = readEntry(device.get());
     }
-    udev_enumerate_unref(enumerate);
-    udev_unref(context);
     return entries;
 }
 
 Monitor::Monitor(EventSource source, int receiveBufferBytes, DropRules drops)
-    : source_(source), udev_(udev_new()), monitor_(nullptr), drops_(std::move(drops)), random_(drops_.seed)
+    : source_(source), udev_(udev_new()), drops_(std::move(drops)), random_(drops_.seed)
 {
     if (!udev_)
         fail(errno ? errno : ENOMEM, "udev_new");
-    monitor_ = udev_monitor_new_from_netlink(udev_, source == EventSource::Udev ? "udev" : "kernel");
-    if (!monitor_) {
-        udev_unref(udev_);
+    monitor_.reset(udev_monitor_new_from_netlink(udev_.get(), source == EventSource::Udev ? "udev" : "kernel"));
+    if (!monitor_)
         fail(errno ? errno : ENOMEM, "udev_monitor_new_from_netlink");
-    }
-    int r = udev_monitor_filter_add_match_subsystem_devtype(monitor_, "block", nullptr);
+    int r = udev_monitor_filter_add_match_subsystem_devtype(monitor_.get(), "block", nullptr);
     // Growing the buffer past net.core.rmem_max needs CAP_NET_ADMIN, which the
     // hardened unit does not grant: keep what the kernel allows. Lost events cost a
     // re-enumeration, never a wrong answer.
-    if (r >= 0 && udev_monitor_set_receive_buffer_size(monitor_, receiveBufferBytes) < 0)
+    if (r >= 0 && udev_monitor_set_receive_buffer_size(monitor_.get(), receiveBufferBytes) < 0)
         log::warn("uevent receive buffer of {} bytes refused; keeping the kernel's limit", receiveBufferBytes);
     if (r >= 0)
-        r = udev_monitor_enable_receiving(monitor_);
-    if (r < 0) {
-        udev_monitor_unref(monitor_);
-        udev_unref(udev_);
+        r = udev_monitor_enable_receiving(monitor_.get());
+    if (r < 0)
         fail(-r, "enabling the uevent monitor");
-    }
-}
-
-Monitor::~Monitor()
-{
-    udev_monitor_unref(monitor_);
-    udev_unref(udev_);
 }
 
 int Monitor::fd() const
 {
-    return udev_monitor_get_fd(monitor_);
+    return udev_monitor_get_fd(monitor_.get());
 }
 
 Monitor::Batch Monitor::receive()
@@ -172,7 +177,7 @@ Monitor::Batch Monitor::receive()
     Batch batch;
     for (;;) {
         errno = 0;
-        udev_device* device = udev_monitor_receive_device(monitor_);
+        const UdevPtr<udev_device> device(udev_monitor_receive_device(monitor_.get()));
         if (!device) {
             if (errno == ENOBUFS) {
                 batch.overflow = true;
@@ -183,9 +188,8 @@ Monitor::Batch Monitor::receive()
             // back if more is readable.
             break;
         }
-        if (auto event = toUevent(device, source_); event && !dropped(*event))
+        if (auto event = toUevent(device.get(), source_); event && !dropped(*event))
             batch.events.push_back(std::move(*event));
-        udev_device_unref(device);
     }
     return batch;
 }

@@ -6,18 +6,29 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
-#include <optional>
 #include <vector>
 
 struct udev;
+struct udev_device;
+struct udev_enumerate;
 struct udev_monitor;
 
 // The netlink monitors for block uevents of loop devices (libudev). Runs on the
 // loop thread: receive() never blocks.
 namespace loopd::uevent {
+
+// Drops one reference of a libudev handle (udev_*_unref): UdevPtr owns one.
+struct UdevUnref {
+    void operator()(udev* handle) const noexcept;
+    void operator()(udev_device* handle) const noexcept;
+    void operator()(udev_enumerate* handle) const noexcept;
+    void operator()(udev_monitor* handle) const noexcept;
+};
+template <typename T> using UdevPtr = std::unique_ptr<T, UdevUnref>;
 
 // Test-only fault injection: events the monitor drops as if the socket had lost
 // them, so tests reach the recovery paths on purpose. Each monitor has its own.
@@ -42,7 +53,6 @@ public:
     // source Udev: events udevd broadcasts after processing; Kernel: the kernel's
     // own. receiveBufferBytes sizes the socket buffer (udevd itself uses 128 MiB).
     Monitor(EventSource source, int receiveBufferBytes, DropRules drops = {});
-    ~Monitor();
     Monitor(const Monitor&) = delete;
     Monitor& operator=(const Monitor&) = delete;
 
@@ -59,8 +69,8 @@ private:
     [[nodiscard]] bool dropped(const Uevent& event);
 
     EventSource source_;
-    udev* udev_;
-    udev_monitor* monitor_;
+    UdevPtr<udev> udev_;
+    UdevPtr<udev_monitor> monitor_; // declared after udev_: released before it
     DropRules drops_;
     std::minstd_rand random_;
 };

@@ -7,10 +7,12 @@ udev really send (see tests/unit/registry_test.cpp for the same stories as tests
 
 Registry input: a sequence of operations, each an opcode byte (taken % 8) and its
 operand bytes; reading past the end gives zeros.
-  0 event     flags(bit0 udev, bits1-2 add/change/remove/other, bit3 SYNTH_UUID,
-              bit4 fields reversed) number(%4) partition(%5) diskseq(%8; 0xff = 2^64-1)
-              -- rendered as a kernel netlink message and parsed back
-  1 raw       length(2 bytes, big endian, %2048) then a raw kernel uevent message
+  0 event     flags(bit0 udev, bits1-2 add/change/remove/other, bit3 SYNTH_UUID)
+              number(%4) partition(%5) diskseq(%8; 0xff = 2^64-1)
+              -- rendered as the properties libudev gives the monitor, parsed back
+  1 raw       flags(bit0 udev; bits1-4: action, sysname, DISKSEQ, SYNTH_UUID present)
+              length(2 bytes, big endian, %2048) then those four properties as
+              NUL-separated text, as libudev would give them to makeUevent
   2 ready     watch: b(number = b%4, bit2 kernel source) diskseq(%7+1) partition mask
               (bit k-1 = partition k), deadline(+s, %32), nudge(0 none, else +s %16)
   3 released  same operands as ready
@@ -31,21 +33,21 @@ ADD, CHANGE, REMOVE, OTHER = 0, 1, 2, 3
 UDEV, KERNEL = 1, 0
 
 
-def event(action, number, partition, diskseq, source=UDEV, synth=False, shuffled=False):
-    flags = source | action << 1 | (8 if synth else 0) | (16 if shuffled else 0)
+def event(action, number, partition, diskseq, source=UDEV, synth=False):
+    flags = source | action << 1 | (8 if synth else 0)
     return bytes([0, flags, number, partition, diskseq])
 
 
-def raw(action, number, partition, diskseq, extra=()):
-    disk = f"loop{number}"
-    name = f"{disk}p{partition}" if partition else disk
-    devpath = f"/devices/virtual/block/{disk}" + (f"/{name}" if partition else "")
-    fields = [f"{action}@{devpath}", f"ACTION={action}", f"DEVPATH={devpath}", "SUBSYSTEM=block",
-              "MAJOR=259" if partition else "MAJOR=7", f"DEVNAME={name}",
-              "DEVTYPE=partition" if partition else "DEVTYPE=disk", f"DISKSEQ={diskseq}",
-              *([f"PARTN={partition}"] if partition else []), *extra, "SEQNUM=4711"]
-    message = b"\0".join(f.encode() for f in fields) + b"\0"
-    return bytes([1, len(message) >> 8, len(message) & 0xff]) + message
+def raw(action, sysname, diskseq=None, synth=None, source=KERNEL):
+    """Properties as libudev gives them; None: absent."""
+    fields = [action, sysname, diskseq, synth]
+    flags = source | sum(2 << i for i, f in enumerate(fields) if f is not None)
+    text = b"\0".join((f or "").encode() for f in fields)
+    return bytes([1, flags, len(text) >> 8, len(text) & 0xff]) + text
+
+
+def sysname(number, partition=0):
+    return f"loop{number}p{partition}" if partition else f"loop{number}"
 
 
 def watch_op(op, number, diskseq, partitions, source=UDEV, deadline=10, nudge=0):
@@ -100,17 +102,22 @@ REGISTRY = {
     + resync(2, 5, True, [1, 2]),
     "resync-newer": ready(1, 3, [1]) + resync(1, 4, False, [], source=KERNEL),
     "client-vanished-cancel": ready(3, 2, [1]) + ready(3, 2, [1]) + cancel(1) + attach_events(3, 2, [1]) + cancel(2),
-    "kernel-readiness": ready(1, 6, [1, 2], source=KERNEL) + event(ADD, 1, 1, 6, KERNEL, shuffled=True)
+    "kernel-readiness": ready(1, 6, [1, 2], source=KERNEL) + event(ADD, 1, 1, 6, KERNEL)
     + event(ADD, 1, 2, 6, KERNEL, synth=True) + event(CHANGE, 1, 0, 6, KERNEL),
     "detach-remove-events-missing": ready(2, 3, [1, 2]) + attach_events(2, 3, [1, 2])
     + released(2, 3, [1, 2], nudge=2) + event(REMOVE, 2, 1, 3) + time(3) + nudges(1) + event(REMOVE, 2, 2, 3),
     "detach-without-partitions": ready(0, 1, []) + event(CHANGE, 0, 0, 1) + released(0, 1, []),
-    "raw-kernel-attach": ready(3, 4, [1, 2], source=KERNEL) + raw("change", 3, 0, 4) + raw("add", 3, 1, 4)
-    + raw("add", 3, 2, 4),
+    "raw-kernel-attach": ready(3, 4, [1, 2], source=KERNEL) + raw("change", sysname(3), "4")
+    + raw("add", sysname(3, 1), "4") + raw("add", sysname(3, 2), "4"),
     "raw-synthetic-change": ready(0, 3, [], source=KERNEL)
-    + raw("change", 0, 0, 3, ["SYNTH_UUID=0a1b2c3d-0000-4000-8000-000000000001"]),
-    "raw-detach": ready(2, 7, [1], source=KERNEL) + raw("change", 2, 0, 7) + raw("add", 2, 1, 7)
-    + released(2, 7, [1], source=KERNEL) + raw("remove", 2, 1, 7) + raw("change", 2, 0, 8),
+    + raw("change", sysname(0), "3", "0a1b2c3d-0000-4000-8000-000000000001"),
+    "raw-detach": ready(2, 7, [1], source=KERNEL) + raw("change", sysname(2), "7") + raw("add", sysname(2, 1), "7")
+    + released(2, 7, [1], source=KERNEL) + raw("remove", sysname(2, 1), "7") + raw("change", sysname(2), "8"),
+    "raw-udev-attach": ready(1, 5, [1]) + raw("change", sysname(1), "5", source=UDEV)
+    + raw("add", sysname(1, 1), "5", source=UDEV),
+    "raw-not-ours": ready(0, 2, []) + raw("change", "sda", "2", source=UDEV) + raw("change", "loop-control", "2")
+    + raw("change", sysname(0), "-1", source=UDEV) + raw("bind", sysname(0), "2", source=UDEV)
+    + raw("change", sysname(0), None, source=UDEV) + raw("change", sysname(0), "2", source=UDEV),
 }
 
 

@@ -84,13 +84,17 @@ std::string readKey(Reader& in)
 
 bool validRef(const std::string& s)
 {
-    // README: 1-63 printable bytes without '/'; as a file name also not "." or "..".
+    // API.md: 1-63 bytes of [A-Za-z0-9._-], not all digits, not "." or "..".
     if (s.empty() || s.size() > 63 || s == "." || s == "..")
         return false;
-    for (const unsigned char c : s)
-        if (c < 0x20 || c > 0x7e || c == '/')
+    bool digitsOnly = true;
+    for (const unsigned char c : s) {
+        const bool digit = c >= '0' && c <= '9';
+        digitsOnly = digitsOnly && digit;
+        if (!digit && !(c >= 'a' && c <= 'z') && !(c >= 'A' && c <= 'Z') && c != '.' && c != '_' && c != '-')
             return false;
-    return true;
+    }
+    return !digitsOnly;
 }
 
 // The documented table, independent of options.cpp: whether one entry is valid.

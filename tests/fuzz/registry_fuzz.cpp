@@ -1,8 +1,9 @@
 // libFuzzer target: uevent parsing and the readiness state machine together.
 //
 // The input is a script of operations on one core::Registry, as the daemon makes
-// them: uevents (raw kernel netlink messages through uevent::parseKernelUevent, and
-// structured ones rendered to that wire form and parsed back), attach / WaitReady
+// them: uevents through uevent::makeUevent, as the monitor makes them from what
+// libudev gives it (ACTION, sysname, DISKSEQ, SYNTH_UUID; raw bytes, and structured
+// events rendered to those properties and parsed back), attach / WaitReady
 // (Goal::Ready) and detach (Goal::Released) requests, cancellations, the clock,
 // resyncs after lost events, and nudges. After every operation the target checks
 // the contract of registry.hpp and API.md "Readiness" and aborts on any breach:
@@ -25,8 +26,10 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 
 using namespace loopd;
 using namespace loopd::core;
@@ -67,30 +70,32 @@ bool sameEvent(const Uevent& a, const Uevent& b)
            a.diskseq == b.diskseq && a.synthUuid == b.synthUuid;
 }
 
-// The wire form of a kernel block uevent (lib/kobject_uevent.c), fields in the
-// kernel's order unless `shuffled`.
-std::string render(const Uevent& e, bool shuffled)
+// What Monitor::receive reads from a udev_device: its action, its sysname and its
+// DISKSEQ and SYNTH_UUID properties, each absent (null) or a C string.
+struct Properties {
+    std::optional<std::string> action, sysname, diskseq, synthUuid;
+};
+
+std::optional<Uevent> parse(EventSource source, const Properties& p)
+{
+    auto str = [](const std::optional<std::string>& s) { return s ? s->c_str() : nullptr; };
+    return uevent::makeUevent(source, str(p.action), str(p.sysname), str(p.diskseq), str(p.synthUuid));
+}
+
+// The properties libudev has for a loop block uevent ("online" stands for any
+// other action).
+Properties render(const Uevent& e)
 {
     static const char* const actions[] = {"add", "change", "remove", "online"};
     const auto disk = "loop" + std::to_string(e.number);
-    const auto name = e.partition ? disk + "p" + std::to_string(e.partition) : disk;
-    const auto devpath = "/devices/virtual/block/" + disk + (e.partition ? "/" + name : "");
-    const auto action = actions[static_cast<int>(e.action)];
-    std::string fields[] = {
-        std::string("ACTION=") + action,
-        "DEVPATH=" + devpath,
-        "SUBSYSTEM=block",
-        "DEVNAME=" + name,
-        std::string("DEVTYPE=") + (e.partition ? "partition" : "disk"),
-        e.diskseq ? "DISKSEQ=" + std::to_string(e.diskseq) : "SEQNUM=1",
-        e.synthUuid.empty() ? "MAJOR=7" : "SYNTH_UUID=" + e.synthUuid,
-    };
-    if (shuffled)
-        std::reverse(std::begin(fields), std::end(fields));
-    std::string message = std::string(action) + "@" + devpath + '\0';
-    for (const auto& field : fields)
-        message += field + '\0';
-    return message;
+    Properties p;
+    p.action = actions[static_cast<int>(e.action)];
+    p.sysname = e.partition ? disk + "p" + std::to_string(e.partition) : disk;
+    if (e.diskseq)
+        p.diskseq = std::to_string(e.diskseq);
+    if (!e.synthUuid.empty())
+        p.synthUuid = e.synthUuid;
+    return p;
 }
 
 struct Pending {
@@ -202,7 +207,7 @@ private:
     {
         const auto flags = in.byte();
         Uevent e;
-        e.source = EventSource::Kernel;
+        e.source = flags & 1 ? EventSource::Udev : EventSource::Kernel;
         e.action = static_cast<UeventAction>((flags >> 1) & 3);
         e.number = in.byte() % devices;
         e.partition = in.byte() % 5;
@@ -210,25 +215,36 @@ private:
         e.diskseq = seq == 0xff ? std::numeric_limits<uint64_t>::max() : seq % 8;
         if (flags & 8)
             e.synthUuid = "5c6a4bd8-0f1e-4a3b-9c2d-" + std::to_string(seq);
-        // Through the wire form and back: the parser must give back what was sent.
-        const auto parsed = uevent::parseKernelUevent(render(e, flags & 16));
+        // Through libudev's properties and back: the parser must give back what was sent.
+        const auto parsed = parse(e.source, render(e));
         FUZZ_CHECK(parsed && sameEvent(*parsed, e), "loop%u p%u diskseq %llu did not survive parsing", e.number,
                    e.partition, static_cast<unsigned long long>(e.diskseq));
-        e.source = flags & 1 ? EventSource::Udev : EventSource::Kernel;
         feed(e);
     }
 
+    // Properties as they come: up to four NUL-separated fields (action, sysname,
+    // DISKSEQ, SYNTH_UUID), each present only if its bit says so.
     void rawEvent(Reader& in)
     {
-        const auto length = in.bytes(2) % 2048;
-        const auto parsed = uevent::parseKernelUevent(in.take(length));
+        const auto flags = in.byte();
+        const auto source = flags & 1 ? EventSource::Udev : EventSource::Kernel;
+        auto text = in.take(in.bytes(2) % 2048);
+        Properties p;
+        std::optional<std::string>* const fields[] = {&p.action, &p.sysname, &p.diskseq, &p.synthUuid};
+        for (unsigned i = 0; i < 4; ++i) {
+            const auto end = text.find('\0');
+            if (flags & (2u << i))
+                *fields[i] = std::string(text.substr(0, end));
+            text.remove_prefix(end == std::string_view::npos ? text.size() : end + 1);
+        }
+        const auto parsed = parse(source, p);
         if (!parsed)
             return;
-        FUZZ_CHECK(parsed->source == EventSource::Kernel, "a kernel message parsed as udev's");
-        // What the parser accepted has one canonical wire form that parses the same.
-        const auto again = uevent::parseKernelUevent(render(*parsed, false));
-        FUZZ_CHECK(again && sameEvent(*again, *parsed), "loop%u p%u: canonical form parses differently",
-                   parsed->number, parsed->partition);
+        FUZZ_CHECK(parsed->source == source, "an event parsed with another source");
+        // What the parser accepted has one canonical form that parses the same.
+        const auto again = parse(source, render(*parsed));
+        FUZZ_CHECK(again && sameEvent(*again, *parsed), "loop%u p%u: canonical form parses differently", parsed->number,
+                   parsed->partition);
         feed(*parsed);
     }
 
@@ -354,8 +370,8 @@ private:
             FUZZ_CHECK(sameWatch(o.watch, p.watch), "request %llu settled with another watch",
                        static_cast<unsigned long long>(o.request));
             FUZZ_CHECK(!scope.request || *scope.request == o.request, "expect() settled another request");
-            FUZZ_CHECK(!scope.number || *scope.number == o.watch.number, "an event on loop%u settled a request on loop%u",
-                       *scope.number, o.watch.number);
+            FUZZ_CHECK(!scope.number || *scope.number == o.watch.number,
+                       "an event on loop%u settled a request on loop%u", *scope.number, o.watch.number);
             checkKind(o, p, scope);
             pending_.erase(it);
             settled_.insert(o.request);
@@ -400,7 +416,8 @@ private:
                    registry_.pending(), pending_.size());
         for (const auto& [key, view] : reference_.all()) {
             const auto& actual = registry_.ledger().view(key.first, key.second);
-            FUZZ_CHECK(actual.diskseq == view.diskseq && actual.disk == view.disk && actual.partitions == view.partitions,
+            FUZZ_CHECK(actual.diskseq == view.diskseq && actual.disk == view.disk &&
+                           actual.partitions == view.partitions,
                        "ledger of loop%u differs from the reference", key.first);
             const auto newest = registry_.ledger().newestDiskseq(key.first);
             FUZZ_CHECK(newest >= highWater_[key.first], "loop%u's newest diskseq went back", key.first);

@@ -92,6 +92,12 @@ TEST_CASE("refs: 1 to 63 printable bytes, no slash")
     CHECK_FALSE(isValidRef("a/b"));
     CHECK_FALSE(isValidRef(".."));
     CHECK_FALSE(isValidRef("tab\there"));
+    CHECK_FALSE(isValidRef("123")); // would read as a diskseq
+    CHECK(isValidRef("disk-2"));
+    CHECK(isValidRef("a.b_c-D9"));
+    CHECK_FALSE(isValidRef("sp ace"));
+    CHECK_FALSE(isValidRef("x\ny"));
+    CHECK_FALSE(isValidRef("caf\xc3\xa9"));
     CHECK(errorOf({{"ref", std::string(64, 'x')}}) == Errc::InvalidArgument);
 }
 

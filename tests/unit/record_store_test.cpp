@@ -3,10 +3,13 @@
 #include <catch2/catch.hpp>
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
+#include <system_error>
 
 using namespace loopd;
 using namespace loopd::core;
@@ -29,7 +32,7 @@ Record sample(Record::State state)
     Record r;
     r.state = state;
     r.token = "0f6a9e3c-1b2d-4c5e-8f70-9a1b2c3d4e5f";
-    r.fileName = loFileName("", r.token);
+    r.fileName = loFileName(r.token);
     r.info.number = 3;
     r.info.diskseq = 77;
     r.info.backingFile = "/var/lib/images/a.img";
@@ -91,4 +94,33 @@ TEST_CASE("a record longer than a page is replaced whole, and a shorter one afte
     CHECK(all[0].info.backingFile == "/short.img");
     CHECK(all[0].state == Record::State::Detaching);
     CHECK(fileCount(dir.path) == 1);
+}
+
+TEST_CASE("a record longer than a page is written 0600 whatever the umask, never through a symlink")
+{
+    TempDir dir;
+    service::RecordStore store(dir.path);
+    auto record = sample(Record::State::Owned);
+    record.info.backingFile = "/" + std::string(5000, 'x');
+    const auto file = dir.path + "/" + record.token + ".json";
+
+    const auto old = ::umask(0);
+    store.write(record);
+    ::umask(old);
+    struct stat st {};
+    REQUIRE(::stat(file.c_str(), &st) == 0);
+    CHECK((st.st_mode & 07777) == 0600);
+
+    // Someone put a link where the temporary file goes: the write fails, the
+    // link's target stays as it was.
+    const auto target = dir.path + "/elsewhere";
+    {
+        std::ofstream(target) << "untouched";
+    }
+    REQUIRE(::symlink(target.c_str(), (file + ".tmp").c_str()) == 0);
+    CHECK_THROWS_AS(store.write(record), std::system_error);
+    std::ifstream in(target);
+    std::string text;
+    std::getline(in, text);
+    CHECK(text == "untouched");
 }

@@ -41,9 +41,9 @@ TEST_CASE("ready after the disk and every partition, in order")
 {
     Registry registry;
     REQUIRE(registry.expect(1, Goal::Ready, watch3(), deadline).empty());
-    REQUIRE(feed(registry, {ev(UeventAction::Change, 0, 40), ev(UeventAction::Add, 1, 40),
-                            ev(UeventAction::Add, 2, 40)})
-                .empty());
+    REQUIRE(
+        feed(registry, {ev(UeventAction::Change, 0, 40), ev(UeventAction::Add, 1, 40), ev(UeventAction::Add, 2, 40)})
+            .empty());
     const auto out = feed(registry, {ev(UeventAction::Add, 3, 40)});
     REQUIRE(out.size() == 1);
     CHECK(out[0].request == 1);

@@ -1,26 +1,16 @@
-// Raw kernel uevents (NETLINK_KOBJECT_UEVENT) and libudev properties into Uevent values.
+// What the monitor makes of the properties libudev gives it for each event (its
+// action, sysname, DISKSEQ and SYNTH_UUID): makeUevent, as Monitor::receive calls it.
 #include "uevent/message.hpp"
 
 #include <catch2/catch.hpp>
 
-#include <string>
-
 using namespace loopd;
 using namespace loopd::uevent;
-using namespace std::string_literals;
 
-namespace {
-// As the kernel sent them here (6.18): attach of loop3 with two partitions.
-const auto diskChange = "change@/devices/virtual/block/loop3\0ACTION=change\0DEVPATH=/devices/virtual/block/loop3\0"
-                        "SUBSYSTEM=block\0MAJOR=7\0MINOR=3\0DEVNAME=loop3\0DEVTYPE=disk\0DISKSEQ=41\0SEQNUM=5012\0"s;
-const auto partAdd = "add@/devices/virtual/block/loop3/loop3p2\0ACTION=add\0DEVPATH=/devices/virtual/block/loop3/"
-                     "loop3p2\0SUBSYSTEM=block\0MAJOR=259\0MINOR=1\0DEVNAME=loop3p2\0DEVTYPE=partition\0DISKSEQ=41\0"
-                     "PARTN=2\0SEQNUM=5014\0"s;
-} // namespace
-
-TEST_CASE("a kernel uevent of a loop disk and of a partition")
+TEST_CASE("a uevent of a loop disk and of a partition")
 {
-    const auto disk = parseKernelUevent(diskChange);
+    // As libudev had them here (6.18): attach of loop3 with two partitions.
+    const auto disk = makeUevent(EventSource::Kernel, "change", "loop3", "41", nullptr);
     REQUIRE(disk);
     CHECK(disk->source == EventSource::Kernel);
     CHECK(disk->action == UeventAction::Change);
@@ -29,8 +19,9 @@ TEST_CASE("a kernel uevent of a loop disk and of a partition")
     CHECK(disk->diskseq == 41);
     CHECK(disk->synthUuid.empty());
 
-    const auto part = parseKernelUevent(partAdd);
+    const auto part = makeUevent(EventSource::Udev, "add", "loop3p2", "41", nullptr);
     REQUIRE(part);
+    CHECK(part->source == EventSource::Udev);
     CHECK(part->action == UeventAction::Add);
     CHECK(part->number == 3);
     CHECK(part->partition == 2);
@@ -39,37 +30,25 @@ TEST_CASE("a kernel uevent of a loop disk and of a partition")
 
 TEST_CASE("a synthetic uevent carries its SYNTH_UUID; a remove its action")
 {
-    const auto synth = "change@/devices/virtual/block/loop0\0ACTION=change\0DEVPATH=/devices/virtual/block/loop0\0"
-                       "SUBSYSTEM=block\0SYNTH_UUID=0a1b2c3d-0000-4000-8000-000000000001\0DISKSEQ=7\0"s;
-    const auto event = parseKernelUevent(synth);
+    const auto event = makeUevent(EventSource::Kernel, "change", "loop0", "7", "0a1b2c3d-0000-4000-8000-000000000001");
     REQUIRE(event);
     CHECK(event->synthUuid == "0a1b2c3d-0000-4000-8000-000000000001");
 
-    const auto remove = "remove@/devices/virtual/block/loop0/loop0p1\0ACTION=remove\0DEVPATH=/devices/virtual/block/"
-                        "loop0/loop0p1\0SUBSYSTEM=block\0DISKSEQ=7"s; // last field without its NUL
-    const auto removed = parseKernelUevent(remove);
+    const auto removed = makeUevent(EventSource::Udev, "remove", "loop0p1", "7", nullptr);
     REQUIRE(removed);
     CHECK(removed->action == UeventAction::Remove);
     CHECK(removed->partition == 1);
 }
 
-TEST_CASE("other devices, other subsystems and malformed messages are not loop uevents")
+TEST_CASE("other devices are not loop uevents; missing properties are absent")
 {
-    CHECK_FALSE(parseKernelUevent(""));
-    CHECK_FALSE(parseKernelUevent("libudev\0\xfe\xed\xca\xfe"s));
-    CHECK_FALSE(parseKernelUevent("add@/devices/virtual/block/sda\0ACTION=add\0DEVPATH=/devices/virtual/block/sda\0"
-                                  "SUBSYSTEM=block\0DISKSEQ=1\0"s));
-    CHECK_FALSE(parseKernelUevent("add@/devices/virtual/bdi/loop3\0ACTION=add\0DEVPATH=/devices/virtual/bdi/loop3\0"
-                                  "SUBSYSTEM=bdi\0"s));
-    // The header and the properties disagree.
-    CHECK_FALSE(parseKernelUevent("add@/devices/virtual/block/loop3\0ACTION=remove\0DEVPATH=/devices/virtual/block/"
-                                  "loop3\0SUBSYSTEM=block\0"s));
-    CHECK_FALSE(parseKernelUevent("add@/devices/virtual/block/loop3\0ACTION=add\0DEVPATH=/devices/virtual/block/"
-                                  "loop4\0SUBSYSTEM=block\0"s));
-    // A field without '='; a header without '@'.
-    CHECK_FALSE(parseKernelUevent("add@/devices/virtual/block/loop3\0ACTION=add\0DEVPATH=/devices/virtual/block/"
-                                  "loop3\0SUBSYSTEM=block\0garbage\0"s));
-    CHECK_FALSE(parseKernelUevent("add /devices/virtual/block/loop3\0ACTION=add\0"s));
+    CHECK_FALSE(makeUevent(EventSource::Kernel, "add", "sda", "1", nullptr));
+    CHECK_FALSE(makeUevent(EventSource::Udev, "change", "loop-control", nullptr, nullptr));
+    CHECK_FALSE(makeUevent(EventSource::Udev, "change", nullptr, "1", nullptr));
+    // Kernels before 5.15 send no DISKSEQ; a malformed one is as good as none.
+    CHECK(makeUevent(EventSource::Kernel, "add", "loop3", nullptr, nullptr)->diskseq == 0);
+    CHECK(makeUevent(EventSource::Kernel, "add", "loop3", "-1", nullptr)->diskseq == 0);
+    CHECK(makeUevent(EventSource::Kernel, nullptr, "loop3", "5", nullptr)->action == UeventAction::Other);
 }
 
 TEST_CASE("DISKSEQ is plain decimal that fits in 64 bits, else absent")

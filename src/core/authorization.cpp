@@ -1,0 +1,22 @@
+#include "authorization.hpp"
+
+namespace loopd::core {
+
+Verdict decide(Action action, const Caller& caller, std::optional<uint32_t> ownerUid)
+{
+    constexpr uint32_t unknown = UINT32_MAX;
+    if (caller.uid == 0)
+        return {true, {}};
+    switch (action) {
+    case Action::Attach:
+        return {false, "org.loopd1.attach"};
+    case Action::Detach:
+        // A caller may always detach what it attached.
+        if (ownerUid && *ownerUid == caller.uid && caller.uid != unknown)
+            return {true, {}};
+        return {false, "org.loopd1.detach-others"};
+    }
+    return {false, "org.loopd1.attach"};
+}
+
+} // namespace loopd::core

@@ -1,0 +1,25 @@
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+// Who may do what (API.md, "Security"). Pure: the service room asks the bus who
+// the caller is and polkit when told to; the decision itself is made here.
+namespace loopd::core {
+
+enum class Action { Attach, Detach };
+
+struct Caller {
+    uint32_t uid = UINT32_MAX; // UINT32_MAX: unknown, a stranger
+};
+
+struct Verdict {
+    bool allowed = false;     // without asking anyone
+    std::string polkitAction; // else: allowed only if polkit says yes to this action
+};
+
+// ownerUid: the device's owner, for Detach.
+Verdict decide(Action action, const Caller& caller, std::optional<uint32_t> ownerUid = std::nullopt);
+
+} // namespace loopd::core

@@ -1,0 +1,341 @@
+#include "attach_flow.hpp"
+
+#include "attach_sequence.hpp"
+#include "errors.hpp"
+#include "kernel/loop_device.hpp"
+#include "kernel/sysfs.hpp"
+#include "uevent/monitor.hpp"
+
+#include <loopd/log.hpp>
+
+namespace loopd::service {
+namespace {
+
+long long millisSince(core::Clock::time_point start)
+{
+    return std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count();
+}
+
+// Which events count for a request: udev's when it runs (and was not declined).
+EventSource eventSourceFor(ReadinessMode mode)
+{
+    const bool udev = uevent::udevRunning();
+    if (mode == ReadinessMode::Udev && !udev)
+        throw Error(Errc::Failed, "readiness=udev was asked for, but no udevd is running to confirm it");
+    return mode == ReadinessMode::Kernel || !udev ? EventSource::Kernel : EventSource::Udev;
+}
+
+} // namespace
+
+void replyReady(AttachResult& result, const Device& device)
+{
+    result.returnResults(sdbus::ObjectPath(devicePath(device.info.diskseq)), kernel::loopDevNode(device.info.number),
+                         device.info.diskseq, partitionNodes(device.info));
+}
+
+AttachFlow::AttachFlow(Services& services, Callers& callers) : s_(services), callers_(callers) {}
+
+void AttachFlow::start(AttachResult&& result, const std::string& sender, std::string what, Source source,
+                       const core::OptionMap& optionMap)
+{
+    AttachOptions options;
+    EventSource events;
+    try {
+        if (s_.stopping)
+            throw Error(Errc::Failed, "loopd is stopping");
+        options = core::parseAttachOptions(optionMap);
+        s_.table.checkRef(options.ref); // refused early; reserved only once authorized
+        events = eventSourceFor(options.readiness);
+    } catch (const Error& e) {
+        throw Error(e.code(), "cannot attach " + what + ": " + e.what());
+    }
+    // From here on nothing throws: the result belongs to the pending call.
+    const auto id = s_.nextId();
+    const auto now = core::Clock::now();
+    Pending job{std::move(result),
+                sender,
+                std::move(what),
+                std::move(source),
+                std::move(options),
+                events,
+                now,
+                realtimeUsec(),
+                now,
+                0,
+                0,
+                false,
+                false,
+                {}};
+    job.record.token = makeUuid();
+    job.record.fileName = core::loFileName(job.record.token);
+    job.record.ref = job.options.ref;
+    job.record.lifetime = job.options.lifetime;
+    job.record.owner = sender;
+    const auto denied = "attaching " + job.what;
+    attaches_.emplace(id, std::move(job));
+    callers_.authorize(sender, core::Action::Attach, denied, [this, id](std::exception_ptr error, Caller caller) {
+        if (error)
+            return failed(id, error);
+        authorized(id, caller);
+    });
+}
+
+// Authorization first, state second: nothing is reserved before this point.
+void AttachFlow::authorized(core::RequestId id, const Caller& caller)
+{
+    auto& job = attaches_.at(id);
+    try {
+        if (s_.stopping)
+            throw Error(Errc::Failed, "cannot attach " + job.what + ": loopd is stopping");
+        s_.table.reserveRef(job.options.ref);
+    } catch (...) {
+        return failed(id, std::current_exception());
+    }
+    job.ownerUid = caller.uid;
+    job.record.ownerUid = caller.uid;
+    // The readiness deadline starts now: time a user spends answering polkit's
+    // password prompt is not the kernel's.
+    job.deadline = core::Clock::now() + job.options.timeout;
+    run(id, caller);
+}
+
+void AttachFlow::run(core::RequestId id, const Caller& caller)
+{
+    auto& job = attaches_.at(id);
+    struct Work {
+        std::string path;
+        UniqueFd fd;
+        std::string what;
+        AttachOptions options;
+        kernel::Credentials credentials;
+        core::Record record;
+    };
+    auto work = std::make_shared<Work>();
+    if (auto* path = std::get_if<std::string>(&job.source))
+        work->path = *path;
+    else
+        work->fd = UniqueFd(std::get<sdbus::UnixFd>(job.source).release());
+    work->what = job.what;
+    work->options = job.options;
+    work->record = job.record;
+    // The groups of the calling process as the bus saw them (its gid among them):
+    // fsgid is one of them and the rest are supplementary, so access checks see
+    // exactly the process's groups. None known: the overflow group, granting nothing.
+    work->credentials = kernel::Credentials{caller.uid,
+                                            caller.groups.empty() ? 65534 : caller.groups.front(),
+                                            {caller.groups.begin(), caller.groups.end()}};
+
+    // Worker thread: only the captured work and pure kernel calls.
+    const auto& records = s_.records;
+    s_.workers.submit([this, id, work, &records]() -> WorkerPool::Continuation {
+        try {
+            auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
+                                    : openBacking(work->path, work->options, work->credentials);
+            auto attached = std::make_shared<Attached>(attach(backing, work->options, work->record, records));
+            return [this, id, attached, work] {
+                attaches_.at(id).record = work->record;
+                configured(id, attached);
+            };
+        } catch (...) {
+            return [this, id, error = std::current_exception()] { failed(id, error); };
+        }
+    });
+}
+
+void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>& attached)
+{
+    auto& job = attaches_.at(id);
+    Device device;
+    device.info = attached->info;
+    device.lockFd = std::make_shared<UniqueFd>(std::move(attached->lockFd));
+    device.options = job.options;
+    device.source = job.events;
+    device.owner = job.sender;
+    device.ownerUid = job.ownerUid;
+    device.token = job.record.token;
+    device.tag = job.record.fileName;
+    device.startedUsec = job.startedRealtimeUsec;
+    device.request = id;
+    const auto info = device.info;
+    const auto lockFd = device.lockFd;
+    try {
+        s_.table.add(std::move(device)); // refuses a ref whose partition links collide
+    } catch (...) {
+        // Not in the table: undone here, the ref given back, the call failed.
+        auto error = std::current_exception();
+        const auto record = job.record;
+        const auto& records = s_.records;
+        return s_.workers.submit([this, id, error, info, lockFd, record, &records] {
+            undo(std::move(*lockFd), info);
+            records.remove(record);
+            return WorkerPool::Continuation([this, id, error] { failed(id, error); });
+        });
+    }
+    job.diskseq = info.diskseq;
+    log::debug("configured dev={} diskseq={} partitions={} file={}", kernel::loopDevNode(info.number), info.diskseq,
+               info.partitions.size(), job.what);
+    if (s_.stopping)
+        return abandon(id, Errc::Failed, "loopd is stopping", true);
+    auto& stored = *s_.table.find(info.diskseq);
+    s_.settle(s_.registry.expect(id, core::Goal::Ready, stored.watch(), job.deadline, core::Clock::now() + nudgeAfter));
+}
+
+void AttachFlow::ready(core::RequestId id)
+{
+    auto& job = attaches_.at(id);
+    // A `losetup -d` meanwhile only set autoclear (loopd holds the device open)
+    // and sent no event: look before saying ready.
+    if (auto* device = s_.table.find(job.diskseq);
+        !device->options.autoclear && kernel::sysfsAutoclear(device->info.number).value_or(true))
+        return abandon(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
+    auto node = attaches_.extract(id);
+    auto& done = node.mapped();
+    s_.table.markReady(done.diskseq, realtimeUsec());
+    auto& device = *s_.table.find(done.diskseq);
+    writeRecord(s_.records, device.record(core::Record::State::Owned));
+    exportDevice(s_, device);
+    replyReady(done.result, device);
+    s_.manager->devicesChanged();
+    log::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
+              kernel::loopDevNode(device.info.number), done.diskseq, device.info.partitions.size(), done.what,
+              done.sender, millisSince(done.started));
+    if (done.vanished && device.options.lifetime == Lifetime::Client && onOrphaned)
+        onOrphaned(done.diskseq);
+}
+
+// Before configure (or configure failed): nothing of the attach is in the table.
+void AttachFlow::failed(core::RequestId id, std::exception_ptr error)
+{
+    auto node = attaches_.extract(id);
+    auto& job = node.mapped();
+    s_.table.releaseRef(job.options.ref);
+    auto reply = toDbusError(error, "cannot attach " + job.what);
+    if (reply.getMessage().find(job.what) == std::string::npos) // NoFreeDevice and the like name no file
+        reply = sdbus::Error(reply.getName(), "cannot attach " + job.what + ": " + reply.getMessage());
+    log::warn("attach failed file={} sender={}: {}", job.what, job.sender, reply.getMessage());
+    job.result.returnError(reply);
+}
+
+// The attachment was configured but will not become ready: undo it (or, when
+// someone else took the device, only let go of it), then fail the call. At most
+// once per attach: a timeout and a SIGTERM may both ask.
+void AttachFlow::abandon(core::RequestId id, Errc code, const std::string& why, bool clear)
+{
+    auto& job = attaches_.at(id);
+    if (job.abandoning)
+        return;
+    job.abandoning = true;
+    s_.registry.cancel(id);
+    s_.table.setState(job.diskseq, DeviceState::Detaching);
+    const auto& device = *s_.table.find(job.diskseq);
+    const auto message = device.describe() + " for " + job.what + ": " + why;
+    const auto& records = s_.records;
+    s_.workers.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info,
+                       record = device.record(core::Record::State::Configured), &records] {
+        if (clear)
+            undo(std::move(*fd), info);
+        else
+            letGo(std::move(*fd), info);
+        records.remove(record);
+        return WorkerPool::Continuation([this, id, code, message] {
+            auto node = attaches_.extract(id);
+            auto& job = node.mapped();
+            deviceGone(job.diskseq, message);
+            s_.table.remove(job.diskseq, RemovalReason::Abandoned);
+            log::warn("attach abandoned: {}", message);
+            job.result.returnError(makeDbusError(code, message));
+        });
+    });
+}
+
+bool AttachFlow::settle(const core::Outcome& outcome)
+{
+    using Kind = core::Outcome::Kind;
+    const auto id = outcome.request;
+    if (waiters_.count(id)) {
+        settleWaiter(id, outcome);
+        return true;
+    }
+    const auto it = attaches_.find(id);
+    if (it == attaches_.end())
+        return false;
+    if (it->second.abandoning)
+        return true;
+    if (outcome.kind == Kind::Ready)
+        ready(id);
+    else if (outcome.kind == Kind::Changed)
+        abandon(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
+    else
+        abandon(id, Errc::Timeout, "was not ready in time; it was detached again", true);
+    return true;
+}
+
+void AttachFlow::callerLeft(const std::string& sender)
+{
+    for (auto& [id, job] : attaches_)
+        if (job.sender == sender)
+            job.vanished = true;
+}
+
+void AttachFlow::stop()
+{
+    for (auto& [id, waiter] : waiters_) {
+        s_.registry.cancel(id);
+        waiter.result.returnError(makeDbusError(Errc::Failed, "diskseq " + std::to_string(waiter.diskseq) +
+                                                                  " is no longer waited for: loopd is stopping"));
+    }
+    waiters_.clear();
+    std::vector<core::RequestId> configured;
+    for (const auto& [id, job] : attaches_)
+        if (job.diskseq != 0)
+            configured.push_back(id);
+    for (const auto id : configured)
+        abandon(id, Errc::Failed, "loopd is stopping", true);
+}
+
+// ---- WaitReady ------------------------------------------------------------
+
+void AttachFlow::waitReady(AttachResult&& result, const std::string& name, uint64_t timeoutUsec)
+{
+    if (timeoutUsec > maxTimeoutUsec)
+        throw Error(Errc::InvalidArgument, "cannot wait for '" + name + "': timeout_usec " +
+                                               std::to_string(timeoutUsec) + " is beyond " +
+                                               std::to_string(maxTimeoutUsec));
+    auto* device = s_.table.resolve(name);
+    if (!device || device->state == DeviceState::Detaching)
+        throw Error(Errc::NotFound, "no loopd device '" + name + "'");
+    if (device->state == DeviceState::Ready)
+        return replyReady(result, *device);
+    const auto timeout = timeoutUsec ? std::chrono::microseconds(timeoutUsec) : std::chrono::microseconds(10'000'000);
+    const auto id = s_.nextId();
+    waiters_.emplace(id, Waiter{std::move(result), device->info.diskseq});
+    s_.settle(s_.registry.expect(id, core::Goal::Ready, device->watch(), core::Clock::now() + timeout));
+}
+
+void AttachFlow::settleWaiter(core::RequestId id, const core::Outcome& outcome)
+{
+    auto node = waiters_.extract(id);
+    auto& [result, diskseq] = node.mapped();
+    const auto* device = s_.table.find(diskseq);
+    const auto name = "diskseq " + std::to_string(diskseq);
+    if (outcome.kind == core::Outcome::Kind::Ready && device)
+        return replyReady(result, *device);
+    if (outcome.kind == core::Outcome::Kind::Changed)
+        return result.returnError(makeDbusError(Errc::DeviceChanged, name + " was replaced by someone else"));
+    result.returnError(makeDbusError(Errc::Timeout, name + " was not ready within the timeout"));
+}
+
+void AttachFlow::deviceGone(uint64_t diskseq, const std::string& message)
+{
+    for (auto it = waiters_.begin(); it != waiters_.end();) {
+        if (it->second.diskseq != diskseq) {
+            ++it;
+            continue;
+        }
+        s_.registry.cancel(it->first);
+        it->second.result.returnError(makeDbusError(Errc::DeviceChanged, message));
+        it = waiters_.erase(it);
+    }
+}
+
+} // namespace loopd::service

@@ -1,0 +1,88 @@
+#pragma once
+
+#include "bus_objects.hpp"
+#include "callers.hpp"
+#include "services.hpp"
+
+#include <loopd/attach_options.hpp>
+#include <loopd/error.hpp>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <variant>
+
+// Attach and AttachFd from the call to the ready reply (DESIGN.md, "The attach
+// sequence"), and WaitReady. Loop thread; the kernel work runs on workers.
+namespace loopd::service {
+
+struct Attached;
+
+class AttachFlow {
+public:
+    using Source = std::variant<std::string, sdbus::UnixFd>; // a path, or the caller's fd
+
+    AttachFlow(Services& services, Callers& callers);
+
+    // Throws Error for a call refused at once (nothing reserved); otherwise the
+    // result is answered later, exactly once.
+    void start(AttachResult&& result, const std::string& sender, std::string what, Source source,
+               const core::OptionMap& options);
+    void waitReady(AttachResult&& result, const std::string& name, uint64_t timeoutUsec);
+
+    // True when the outcome was one of this flow's requests.
+    bool settle(const core::Outcome& outcome);
+    // The caller left the bus: a lifetime=client device it is still attaching is
+    // detached once ready (through onOrphaned).
+    void callerLeft(const std::string& sender);
+    // A device left the table: whoever waits for it is told.
+    void deviceGone(uint64_t diskseq, const std::string& message);
+    // SIGTERM: waiters are failed, configured attaches undone, the rest refused as
+    // they come back from their workers.
+    void stop();
+    [[nodiscard]] bool idle() const { return attaches_.empty(); }
+    [[nodiscard]] bool waiting() const { return !waiters_.empty(); }
+
+    // A lifetime=client device became ready after its caller left.
+    std::function<void(uint64_t diskseq)> onOrphaned;
+
+private:
+    struct Pending {
+        AttachResult result;
+        std::string sender;
+        std::string what; // the path, or the fd's path, for messages
+        Source source;
+        AttachOptions options;
+        EventSource events = EventSource::Udev;
+        core::Clock::time_point started;
+        uint64_t startedRealtimeUsec = 0;
+        core::Clock::time_point deadline;
+        uint32_t ownerUid = 0;
+        uint64_t diskseq = 0;    // once configured
+        bool vanished = false;   // the caller left the bus meanwhile
+        bool abandoning = false; // being undone: at most once
+        core::Record record;
+    };
+    struct Waiter {
+        AttachResult result;
+        uint64_t diskseq = 0;
+    };
+
+    void authorized(core::RequestId id, const Caller& caller);
+    void run(core::RequestId id, const Caller& caller);
+    void configured(core::RequestId id, const std::shared_ptr<Attached>& attached);
+    void ready(core::RequestId id);
+    void failed(core::RequestId id, std::exception_ptr error);
+    void abandon(core::RequestId id, Errc code, const std::string& why, bool clear);
+    void settleWaiter(core::RequestId id, const core::Outcome& outcome);
+
+    Services& s_;
+    Callers& callers_;
+    std::map<core::RequestId, Pending> attaches_;
+    std::map<core::RequestId, Waiter> waiters_;
+};
+
+// The reply of Attach and WaitReady for a ready device.
+void replyReady(AttachResult& result, const Device& device);
+
+} // namespace loopd::service

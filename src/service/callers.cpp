@@ -1,0 +1,105 @@
+#include "callers.hpp"
+
+#include <loopd/error.hpp>
+#include <loopd/log.hpp>
+
+namespace loopd::service {
+
+Callers::Callers(sdbus::IConnection& connection, sdbus::IProxy& bus)
+    : bus_(bus),
+      polkit_(sdbus::createProxy(connection, "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority"))
+{
+}
+
+void Callers::authorize(const std::string& sender, core::Action action, const std::string& what, Then then,
+                        std::optional<uint32_t> ownerUid)
+{
+    lookup(sender, what, [this, sender, action, what, then, ownerUid](std::exception_ptr error, Caller caller) {
+        if (error)
+            return then(error, std::move(caller));
+        const auto verdict = core::decide(action, core::Caller{caller.uid}, ownerUid);
+        if (verdict.allowed)
+            return then(nullptr, std::move(caller));
+        askPolkit(sender, verdict.polkitAction, [then, caller, what, verdict](bool allowed) {
+            if (allowed)
+                return then(nullptr, caller);
+            then(std::make_exception_ptr(Error(Errc::AccessDenied, what + " was not authorized (polkit action " +
+                                                                       verdict.polkitAction + ", uid " +
+                                                                       std::to_string(caller.uid) + ")")),
+                 caller);
+        });
+    });
+}
+
+void Callers::lookup(const std::string& sender, const std::string& what, Then then)
+{
+    // A connection's credentials are fixed when it connects and its unique name is
+    // never reused: ask the bus once per connection.
+    if (const auto known = known_.find(sender); known != known_.end())
+        return then(nullptr, known->second);
+    auto failed = [what, sender](const std::string& why) {
+        return std::make_exception_ptr(
+            Error(Errc::Failed, what + ": the bus did not say who " + sender + " is: " + why));
+    };
+    try {
+        bus_.callMethodAsync("GetConnectionCredentials")
+            .onInterface("org.freedesktop.DBus")
+            .withArguments(sender)
+            .uponReplyInvoke([this, sender, then, failed](const sdbus::Error* error,
+                                                          std::map<std::string, sdbus::Variant> credentials) {
+                if (error)
+                    return then(failed(error->getName() + ": " + error->getMessage()), {});
+                Caller caller;
+                if (credentials.count("UnixUserID"))
+                    caller.uid = credentials.at("UnixUserID").get<uint32_t>();
+                if (credentials.count("UnixGroupIDs"))
+                    caller.groups = credentials.at("UnixGroupIDs").get<std::vector<uint32_t>>();
+                known_[sender] = caller;
+                then(nullptr, std::move(caller));
+            });
+    } catch (const std::exception& e) {
+        then(failed(e.what()), {});
+    }
+}
+
+// polkit's CheckAuthorization for the calling connection (subject
+// "system-bus-name": polkit resolves the name itself, so no PID is trusted), with
+// user interaction allowed so an agent may ask for a password. The answer may take
+// as long as the user does.
+void Callers::askPolkit(const std::string& sender, const std::string& action, std::function<void(bool)> then)
+{
+    using Subject = sdbus::Struct<std::string, std::map<std::string, sdbus::Variant>>;
+    using Answer = sdbus::Struct<bool, bool, std::map<std::string, std::string>>;
+    constexpr uint32_t allowUserInteraction = 1;
+    try {
+        polkit_->callMethodAsync("CheckAuthorization")
+            .onInterface("org.freedesktop.PolicyKit1.Authority")
+            .withTimeout(std::chrono::minutes(5))
+            .withArguments(Subject{"system-bus-name", {{"name", sdbus::Variant(sender)}}}, action,
+                           std::map<std::string, std::string>{}, allowUserInteraction, std::string{})
+            .uponReplyInvoke([then, action, sender](const sdbus::Error* error, Answer answer) {
+                if (error)
+                    log::warn("polkit could not be asked action={} sender={}: {}", action, sender, error->getMessage());
+                then(!error && std::get<0>(answer));
+            });
+    } catch (const std::exception& e) {
+        log::warn("polkit could not be asked action={} sender={}: {}", action, sender, e.what());
+        then(false);
+    }
+}
+
+// Asked after subscribing to NameOwnerChanged (the daemon does that first): a
+// client that leaves in between is seen either way.
+void Callers::checkAlive(const std::string& name, std::function<void(bool)> then)
+{
+    try {
+        bus_.callMethodAsync("NameHasOwner")
+            .onInterface("org.freedesktop.DBus")
+            .withArguments(name)
+            .uponReplyInvoke([then](const sdbus::Error* error, bool alive) { then(error != nullptr || alive); });
+    } catch (const std::exception& e) {
+        log::warn("cannot ask whether {} is still on the bus: {}", name, e.what());
+    }
+}
+
+} // namespace loopd::service

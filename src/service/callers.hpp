@@ -1,0 +1,49 @@
+#pragma once
+
+#include "core/authorization.hpp"
+
+#include <sdbus-c++/sdbus-c++.h>
+
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+// Who is calling (the bus daemon's view of a connection) and whether it may
+// (core::decide, then polkit when the decision asks for it). Loop thread; every
+// question is asynchronous, so the loop never waits for the bus or for polkit.
+namespace loopd::service {
+
+struct Caller {
+    uint32_t uid = UINT32_MAX;
+    std::vector<uint32_t> groups; // as the bus saw them, the primary gid among them
+};
+
+class Callers {
+public:
+    using Then = std::function<void(std::exception_ptr, Caller)>;
+
+    Callers(sdbus::IConnection& connection, sdbus::IProxy& bus);
+
+    // `then` gets nullptr when `sender` may do `action` (to a device owned by
+    // ownerUid); else Error(AccessDenied) whose message starts with `what`.
+    void authorize(const std::string& sender, core::Action action, const std::string& what, Then then,
+                   std::optional<uint32_t> ownerUid = std::nullopt);
+    // The connection left the bus: its credentials are forgotten.
+    void forget(const std::string& sender) { known_.erase(sender); }
+    // Whether a unique name is still on the bus (a client of an adopted device).
+    void checkAlive(const std::string& name, std::function<void(bool)> then);
+
+private:
+    void lookup(const std::string& sender, const std::string& what, Then then);
+    void askPolkit(const std::string& sender, const std::string& action, std::function<void(bool)> then);
+
+    sdbus::IProxy& bus_;
+    std::unique_ptr<sdbus::IProxy> polkit_;
+    std::map<std::string, Caller> known_; // by unique bus name, while connected
+};
+
+} // namespace loopd::service

@@ -1,0 +1,158 @@
+#include "detach_flow.hpp"
+
+#include "attach_sequence.hpp"
+#include "errors.hpp"
+
+#include <loopd/error.hpp>
+#include <loopd/log.hpp>
+
+namespace loopd::service {
+
+DetachFlow::DetachFlow(Services& services, Callers& callers) : s_(services), callers_(callers) {}
+
+void DetachFlow::request(VoidResult&& result, const std::string& sender, uint64_t diskseq,
+                         const core::OptionMap& options)
+{
+    const auto name = "diskseq " + std::to_string(diskseq);
+    try {
+        core::parseDetachOptions(options);
+    } catch (const Error& e) {
+        throw Error(e.code(), "cannot detach " + name + ": " + e.what());
+    }
+    const auto* device = s_.table.find(diskseq);
+    if (!device)
+        throw Error(Errc::NotFound, "no loopd device with " + name);
+    const auto id = s_.nextId();
+    pending_.emplace(id, Pending{std::move(result), diskseq, RemovalReason::Detached, sender});
+    // Authorization first: until it is given, the device stays as it is (its
+    // owner's own Detach is not refused as Busy meanwhile).
+    const auto what = "detaching " + device->describe();
+    callers_.authorize(
+        sender, core::Action::Detach, what,
+        [this, id](std::exception_ptr error, Caller) {
+            if (error)
+                return reply(id, error);
+            start(id);
+        },
+        device->ownerUid);
+}
+
+void DetachFlow::own(uint64_t diskseq, RemovalReason reason)
+{
+    const auto id = s_.nextId();
+    pending_.emplace(id, Pending{std::nullopt, diskseq, reason, {}});
+    start(id);
+}
+
+void DetachFlow::start(core::RequestId id)
+{
+    const auto diskseq = pending_.at(id).diskseq;
+    auto* device = s_.table.find(diskseq);
+    try {
+        if (!device)
+            throw Error(Errc::NotFound, "diskseq " + std::to_string(diskseq) + " is no longer attached");
+        if (device->state != DeviceState::Ready)
+            throw Error(Errc::Busy,
+                        device->describe() + (device->state == DeviceState::Attaching ? " is still attaching"
+                                                                                      : " is being detached already"));
+    } catch (...) {
+        return reply(id, std::current_exception());
+    }
+    device->state = DeviceState::Detaching;
+    pending_.at(id).startedUsec = realtimeUsec();
+    writeRecord(s_.records, device->record(core::Record::State::Detaching));
+    s_.workers.submit([this, id, fd = device->lockFd, info = device->info] {
+        try {
+            const auto outcome = service::detach(*fd, info);
+            return WorkerPool::Continuation([this, id, outcome] { kernelDone(id, nullptr, outcome); });
+        } catch (...) {
+            return WorkerPool::Continuation(
+                [this, id, error = std::current_exception()] { kernelDone(id, error, DetachOutcome::TakenBack); });
+        }
+    });
+}
+
+void DetachFlow::kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome)
+{
+    auto& device = *s_.table.find(pending_.at(id).diskseq);
+    if (error) { // nothing was changed: loopd still owns the device, as it was
+        device.state = DeviceState::Ready;
+        writeRecord(s_.records, device.record(core::Record::State::Owned));
+        return reply(id, error);
+    }
+    if (outcome == DetachOutcome::TakenBack)
+        return takenBack(id);
+    const auto now = core::Clock::now();
+    s_.settle(s_.registry.expect(id, core::Goal::Released, device.watch(), now + releaseTimeout, now + nudgeAfter));
+}
+
+// Open elsewhere: the partitions were removed and added again, so the Busy reply
+// waits until udev has them again, as "stays ready" promises. Only udev entries
+// written after the detach began count (startedUsec).
+void DetachFlow::takenBack(core::RequestId id)
+{
+    auto& pending = pending_.at(id);
+    auto& device = *s_.table.find(pending.diskseq);
+    pending.takingBack = true;
+    device.startedUsec = pending.startedUsec;
+    const auto now = core::Clock::now();
+    s_.settle(s_.registry.expect(id, core::Goal::Ready, device.watch(), now + releaseTimeout, now + nudgeAfter));
+    if (pending_.count(id))
+        s_.resync(device.info.number);
+}
+
+void DetachFlow::readyAgain(core::RequestId id)
+{
+    auto& device = *s_.table.find(pending_.at(id).diskseq);
+    device.state = DeviceState::Ready;
+    writeRecord(s_.records, device.record(core::Record::State::Owned));
+    reply(id, std::make_exception_ptr(Error(Errc::Busy, device.describe() + " is open elsewhere; it stays attached "
+                                                                            "as it was")));
+}
+
+bool DetachFlow::settle(const core::Outcome& outcome)
+{
+    const auto it = pending_.find(outcome.request);
+    if (it == pending_.end())
+        return false;
+    if (it->second.takingBack) {
+        if (outcome.kind != core::Outcome::Kind::Ready)
+            log::warn("dev=loop{} diskseq={} taken back after a refused detach, but not seen ready again",
+                      outcome.watch.number, outcome.watch.diskseq);
+        readyAgain(outcome.request);
+    } else {
+        confirmed(outcome.request, outcome.kind == core::Outcome::Kind::TimedOut);
+    }
+    return true;
+}
+
+void DetachFlow::confirmed(core::RequestId id, bool timedOut)
+{
+    auto& pending = pending_.at(id);
+    const auto diskseq = pending.diskseq;
+    const auto reason = timedOut ? RemovalReason::Timeout : pending.reason;
+    const auto dev = s_.table.find(diskseq)->describe();
+    log::info("detached dev={} reason={} sender={}{}", dev, reasonName(reason), pending.sender,
+              timedOut ? " (release not confirmed in time)" : "");
+    // Reply first: a Device.Detach call's reply needs its object still registered.
+    reply(id, timedOut ? std::make_exception_ptr(Error(Errc::Timeout, dev + " was released, but udev did not "
+                                                                            "confirm the removal in time"))
+                       : nullptr);
+    s_.table.remove(diskseq, reason);
+}
+
+void DetachFlow::reply(core::RequestId id, std::exception_ptr error)
+{
+    auto node = pending_.extract(id);
+    auto& pending = node.mapped();
+    if (error)
+        log::warn("detach of diskseq={} refused sender={}", pending.diskseq, pending.sender);
+    if (!pending.result)
+        return;
+    if (error)
+        pending.result->returnError(toDbusError(error, "cannot detach diskseq " + std::to_string(pending.diskseq)));
+    else
+        pending.result->returnResults();
+}
+
+} // namespace loopd::service

@@ -1,0 +1,50 @@
+#pragma once
+
+#include "attach_sequence.hpp"
+#include "bus_objects.hpp"
+#include "callers.hpp"
+#include "services.hpp"
+
+#include <map>
+#include <optional>
+#include <string>
+
+// Detach, by a caller or by loopd itself (client-vanished), from the claim check
+// to the confirmed release. Loop thread; the kernel work runs on workers.
+namespace loopd::service {
+
+class DetachFlow {
+public:
+    DetachFlow(Services& services, Callers& callers);
+
+    // Throws Error for a call refused at once; otherwise answered later, once.
+    void request(VoidResult&& result, const std::string& sender, uint64_t diskseq, const core::OptionMap& options);
+    // loopd's own decision (its client left): no one to answer.
+    void own(uint64_t diskseq, RemovalReason reason);
+
+    bool settle(const core::Outcome& outcome);
+    [[nodiscard]] bool idle() const { return pending_.empty(); }
+
+private:
+    struct Pending {
+        std::optional<VoidResult> result; // none when loopd detaches on its own
+        uint64_t diskseq = 0;
+        RemovalReason reason = RemovalReason::Detached;
+        std::string sender;       // for logs; empty for loopd's own
+        uint64_t startedUsec = 0; // CLOCK_REALTIME when the kernel work began
+        bool takingBack = false;  // open elsewhere: waiting for the device to be ready again
+    };
+
+    void start(core::RequestId id);
+    void kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome);
+    void takenBack(core::RequestId id);
+    void readyAgain(core::RequestId id);
+    void confirmed(core::RequestId id, bool timedOut);
+    void reply(core::RequestId id, std::exception_ptr error);
+
+    Services& s_;
+    Callers& callers_;
+    std::map<core::RequestId, Pending> pending_;
+};
+
+} // namespace loopd::service

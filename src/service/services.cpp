@@ -1,0 +1,54 @@
+#include "services.hpp"
+
+#include "bus_objects.hpp"
+
+#include <loopd/log.hpp>
+
+#include <cstdio>
+#include <random>
+
+namespace loopd::service {
+
+uint64_t realtimeUsec()
+{
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+            .count());
+}
+
+std::string makeUuid()
+{
+    static std::mt19937_64 random(std::random_device{}());
+    const uint64_t hi = (random() & ~0xf000ULL) | 0x4000ULL;
+    const uint64_t lo = (random() & ~(3ULL << 62)) | (2ULL << 62);
+    char text[37];
+    std::snprintf(text, sizeof(text), "%08llx-%04llx-%04llx-%04llx-%012llx", static_cast<unsigned long long>(hi >> 32),
+                  static_cast<unsigned long long>((hi >> 16) & 0xffff), static_cast<unsigned long long>(hi & 0xffff),
+                  static_cast<unsigned long long>(lo >> 48), static_cast<unsigned long long>(lo & 0xffffffffffffULL));
+    return text;
+}
+
+// Loop thread: one page rewritten in place in the page cache (see RecordStore).
+void writeRecord(const RecordStore& records, const core::Record& record) noexcept
+{
+    try {
+        records.write(record);
+    } catch (const std::exception& e) {
+        log::error("cannot write the ownership record diskseq={}: {}", record.info.diskseq, e.what());
+    }
+}
+
+void exportDevice(Services& services, Device& device)
+{
+    try {
+        device.object = std::make_unique<DeviceObject>(
+            services.connection,
+            DeviceProperties{device.info, device.options.ref, device.ownerUid, lifetimeName(device.options.lifetime),
+                             device.readyTimestamp},
+            services.handlers);
+    } catch (const sdbus::Error& e) {
+        log::error("cannot export device object diskseq={}: {}", device.info.diskseq, e.getMessage());
+    }
+}
+
+} // namespace loopd::service

@@ -1,0 +1,29 @@
+// Who may do what without asking polkit, and which action polkit is asked.
+#include "core/authorization.hpp"
+
+#include <catch2/catch.hpp>
+
+using namespace loopd::core;
+
+TEST_CASE("root needs no polkit")
+{
+    CHECK(decide(Action::Attach, Caller{0}).allowed);
+    CHECK(decide(Action::Detach, Caller{0}, 1000).allowed);
+}
+
+TEST_CASE("others attach only with polkit's org.loopd1.attach")
+{
+    const auto verdict = decide(Action::Attach, Caller{1000});
+    CHECK_FALSE(verdict.allowed);
+    CHECK(verdict.polkitAction == "org.loopd1.attach");
+}
+
+TEST_CASE("a caller detaches its own device; others' only with detach-others")
+{
+    CHECK(decide(Action::Detach, Caller{1000}, 1000).allowed);
+    const auto others = decide(Action::Detach, Caller{1000}, 1001);
+    CHECK_FALSE(others.allowed);
+    CHECK(others.polkitAction == "org.loopd1.detach-others");
+    // An unknown caller (no credentials) owns nothing, not even a device of uid -1.
+    CHECK_FALSE(decide(Action::Detach, Caller{}, std::nullopt).allowed);
+}
