@@ -104,6 +104,12 @@ unsigned LoopControl::getFree()
     return static_cast<unsigned>(number);
 }
 
+void LoopControl::add(unsigned number)
+{
+    if (ioctlRetry(fd_.get(), LOOP_CTL_ADD, number) < 0 && errno != EEXIST)
+        fail("LOOP_CTL_ADD " + std::to_string(number));
+}
+
 UniqueFd openLoop(unsigned number, bool readOnly)
 {
     const auto node = loopDevNode(number);
@@ -111,6 +117,19 @@ UniqueFd openLoop(unsigned number, bool readOnly)
     if (!fd)
         fail("open " + node);
     return fd;
+}
+
+bool tryLockFd(int fd, int op)
+{
+    int r;
+    do
+        r = ::flock(fd, op | LOCK_NB);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && errno == EWOULDBLOCK)
+        return false;
+    if (r < 0)
+        fail("flock");
+    return true;
 }
 
 void lockFd(int fd, int op)

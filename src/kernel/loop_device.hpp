@@ -52,6 +52,8 @@ public:
     // LOOP_CTL_GET_FREE: a number that is unbound right now (it may be taken by
     // someone not using the lock before we configure it; configure() says so).
     unsigned getFree();
+    // LOOP_CTL_ADD: makes /dev/loopN exist (fine if it does already).
+    void add(unsigned number);
 
 private:
     UniqueFd fd_;
@@ -60,6 +62,8 @@ private:
 UniqueFd openLoop(unsigned number, bool readOnly);
 
 // flock() on an fd; op is LOCK_EX, LOCK_SH or LOCK_UN. Retries EINTR.
+// flock(op | LOCK_NB): false when someone else holds a conflicting lock.
+bool tryLockFd(int fd, int op);
 void lockFd(int fd, int op);
 
 // nullopt when the device is unbound (ENXIO).

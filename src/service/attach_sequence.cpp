@@ -86,6 +86,27 @@ Configured identify(UniqueFd configuringFd, unsigned number)
     }
 }
 
+// Under the loop-control lock: the free device `number`, locked LOCK_EX without
+// waiting; if someone holds it locked (udev probing it, any tool), the next
+// unbound number above, made with LOOP_CTL_ADD when it does not exist yet.
+// nullopt after a few locked ones (the caller backs off and tries again).
+std::optional<UniqueFd> lockedFreeDevice(kernel::LoopControl& control, unsigned& number, bool readOnly)
+{
+    constexpr unsigned maxLooked = 64;
+    for (unsigned looked = 0; looked < maxLooked; ++looked, ++number) {
+        if (looked > 0 && !std::filesystem::exists("/sys/block/loop" + std::to_string(number)))
+            control.add(number);
+        auto fd = kernel::openLoop(number, readOnly);
+        if (!kernel::tryLockFd(fd.get(), LOCK_EX)) {
+            log::debug("dev=loop{} is locked by someone else; passing it over", number);
+            continue;
+        }
+        if (looked == 0 || !kernel::getStatus(fd.get())) // above the free one, bound ones are skipped
+            return fd;
+    }
+    return std::nullopt;
+}
+
 // Under the loop-control lock: picks a free device and configures it. nullopt
 // when someone not using the lock took that number first.
 std::optional<Configured> tryConfigure(const kernel::LoopConfig& config)
@@ -97,21 +118,22 @@ std::optional<Configured> tryConfigure(const kernel::LoopConfig& config)
     } catch (const std::system_error& e) {
         throw Error(Errc::NoFreeDevice, std::string("no free loop device: ") + e.what());
     }
-    auto loopFd = kernel::openLoop(number, config.readOnly);
     // LOCK_EX keeps udev away while the device is half set up: stale partitions,
-    // and the unconfigured window of the pre-5.8 fallback.
-    kernel::lockFd(loopFd.get(), LOCK_EX);
-    if (kernel::getStatus(loopFd.get()))
+    // and the unconfigured window of the pre-5.8 fallback. Never waited for under
+    // the control lock: a device someone else holds locked would stall every
+    // attach. It is passed over for the next unbound number instead.
+    auto loopFd = lockedFreeDevice(control, number, config.readOnly);
+    if (!loopFd || kernel::getStatus(loopFd->get()))
         return std::nullopt;
-    removeStalePartitions(loopFd.get(), number);
+    removeStalePartitions(loopFd->get(), number);
     // Downgraded at once after (identify): udevd requeues the change event of a
     // device it finds LOCK_EX-locked and retries only every 200 ms (udev 252),
     // measured here as 200-400 ms per attach when the lock was held through
     // probing and BLKPG. Under LOCK_SH udev probes the disk while loopd adds
     // partitions; their own events follow.
-    if (!kernel::configure(loopFd.get(), config))
+    if (!kernel::configure(loopFd->get(), config))
         return std::nullopt;
-    return identify(std::move(loopFd), number);
+    return identify(std::move(*loopFd), number);
 }
 
 // Picks a free device and configures it, retrying when others race for it.
