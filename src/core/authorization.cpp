@@ -5,7 +5,7 @@ namespace loopd::core {
 Verdict decide(Action action, const Caller& caller, std::optional<uint32_t> ownerUid)
 {
     constexpr uint32_t unknown = UINT32_MAX;
-    if (caller.uid == 0)
+    if (caller.uid == 0 && caller.privileged)
         return {true, {}};
     switch (action) {
     case Action::Attach:

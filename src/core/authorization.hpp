@@ -12,6 +12,9 @@ enum class Action { Attach, Detach };
 
 struct Caller {
     uint32_t uid = UINT32_MAX; // UINT32_MAX: unknown, a stranger
+    // uid 0 *with* CAP_DAC_OVERRIDE and CAP_SYS_ADMIN effective: root. A uid-0
+    // process without them is treated like any other user.
+    bool privileged = false;
 };
 
 struct Verdict {

@@ -3,28 +3,67 @@
 #include <loopd/error.hpp>
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
+#include <linux/openat2.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
+#include <optional>
 #include <system_error>
 
 namespace loopd::kernel {
 namespace {
+
+// The capabilities that let root open any file, taken out of this thread's
+// effective set (capset on the calling thread only) and put back after.
+class FileCapabilities {
+public:
+    static FileCapabilities drop()
+    {
+        FileCapabilities saved;
+        if (::syscall(SYS_capget, &saved.header_, saved.data_) < 0)
+            throw std::system_error(errno, std::generic_category(), "capget");
+        __user_cap_data_struct lowered[2] = {saved.data_[0], saved.data_[1]};
+        for (const int cap : {CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER})
+            lowered[cap / 32].effective &= ~(1U << (cap % 32));
+        if (::syscall(SYS_capset, &saved.header_, lowered) < 0)
+            throw std::system_error(errno, std::generic_category(), "capset");
+        return saved;
+    }
+    // A worker left without them would fail its next root caller's open; it cannot
+    // happen (raising back within the permitted set always works): stop if it does.
+    void restore() noexcept
+    {
+        if (::syscall(SYS_capset, &header_, data_) < 0)
+            std::abort();
+    }
+
+private:
+    __user_cap_header_struct header_{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct data_[2]{};
+};
 
 // The glibc wrappers of setgroups() apply to every thread of the process; the raw
 // syscalls (and setfsuid/setfsgid) change only the calling thread, which is what a
 // worker impersonating one caller needs.
 class ThreadIdentity {
 public:
-    explicit ThreadIdentity(const Credentials& caller) : active_(caller.uid != 0)
+    explicit ThreadIdentity(const Credentials& caller) : active_(!caller.privileged)
     {
         if (!active_)
             return;
+        // A switch to a non-zero fsuid drops the file capabilities from this
+        // thread's effective set by itself; for uid 0 without root's powers they
+        // are dropped here, so the open is checked as that process's would be.
+        if (caller.uid == 0)
+            dropped_ = FileCapabilities::drop();
         if (::syscall(SYS_setgroups, caller.groups.size(), caller.groups.data()) < 0)
             throw std::system_error(errno, std::generic_category(), "setgroups");
         if (!switchTo(SYS_setfsgid, caller.gid)) {
@@ -40,6 +79,8 @@ public:
     {
         if (active_)
             restore();
+        if (dropped_)
+            dropped_->restore();
     }
     ThreadIdentity(const ThreadIdentity&) = delete;
     ThreadIdentity& operator=(const ThreadIdentity&) = delete;
@@ -65,6 +106,7 @@ private:
             std::abort();
     }
     bool active_;
+    std::optional<FileCapabilities> dropped_;
     // The thread's own ids, as they were before the switch.
     unsigned uid_ = static_cast<unsigned>(::syscall(SYS_setfsuid, -1));
     unsigned gid_ = static_cast<unsigned>(::syscall(SYS_setfsgid, -1));
@@ -80,8 +122,14 @@ private:
 UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& caller)
 {
     ThreadIdentity identity(caller);
-    const int flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
-    UniqueFd fd(::open(path.c_str(), flags));
+    // openat2 (5.6+): no magic links on the way, so /proc/self/fd/N (loopd's own
+    // fds) or /proc/PID/root never lead anywhere the caller could not go itself.
+    open_how how{};
+    how.flags = static_cast<uint64_t>((readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    how.resolve = RESOLVE_NO_MAGICLINKS;
+    UniqueFd fd(static_cast<int>(::syscall(SYS_openat2, AT_FDCWD, path.c_str(), &how, sizeof(how))));
+    if (!fd && errno == ENOSYS) // before 5.6: only the flags
+        fd = UniqueFd(::open(path.c_str(), static_cast<int>(how.flags)));
     if (!fd) {
         const int err = errno;
         switch (err) {
@@ -95,6 +143,8 @@ UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& calle
                                                 std::generic_category().message(err));
         case EISDIR:
             invalid(path, "is a directory");
+        case ELOOP:
+            invalid(path, "leads through a magic link (/proc/.../fd, /proc/.../root) or too many symlinks");
         default:
             throw std::system_error(err, std::generic_category(), "open " + path);
         }
@@ -108,6 +158,23 @@ UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& calle
 
 BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset)
 {
+    // What the fd may do: an O_PATH fd cannot be read (LOOP_CONFIGURE would fail
+    // late), a write-only one cannot back a device that is read.
+    const int mode = ::fcntl(fd.get(), F_GETFL);
+    if (mode < 0)
+        throw std::system_error(errno, std::generic_category(), "fcntl " + what);
+    if (mode & O_PATH)
+        invalid(what, "is an O_PATH file descriptor; open it for reading");
+    if ((mode & O_ACCMODE) == O_WRONLY)
+        invalid(what, "is open for writing only; open it for reading");
+    // procfs and sysfs files are the kernel's views (of memory, of devices), never
+    // images, whatever their size says.
+    struct statfs fs {};
+    if (::fstatfs(fd.get(), &fs) < 0)
+        throw std::system_error(errno, std::generic_category(), "fstatfs " + what);
+    if (fs.f_type == PROC_SUPER_MAGIC || fs.f_type == SYSFS_MAGIC)
+        invalid(what, "is a procfs or sysfs file, not an image");
+
     struct stat st {};
     if (::fstat(fd.get(), &st) < 0)
         throw std::system_error(errno, std::generic_category(), "fstat " + what);
@@ -129,8 +196,7 @@ BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset)
         invalid(what,
                 "is " + std::to_string(file.size) + " bytes, offset " + std::to_string(offset) + " is past its end");
 
-    const int accmode = ::fcntl(fd.get(), F_GETFL);
-    file.writable = accmode >= 0 && (accmode & O_ACCMODE) == O_RDWR;
+    file.writable = (mode & O_ACCMODE) == O_RDWR;
     file.device = st.st_dev;
     file.inode = st.st_ino;
     file.fd = std::move(fd);

@@ -15,6 +15,7 @@ struct Credentials {
     uid_t uid = 0;
     gid_t gid = 0;
     std::vector<gid_t> groups;
+    bool privileged = false; // root with root's powers: opens as loopd itself
 };
 
 struct BackingFile {

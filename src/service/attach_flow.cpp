@@ -8,6 +8,8 @@
 
 #include <loopd/log.hpp>
 
+#include <algorithm>
+
 namespace loopd::service {
 namespace {
 
@@ -52,20 +54,10 @@ void AttachFlow::start(AttachResult&& result, const std::string& sender, std::st
     // From here on nothing throws: the result belongs to the pending call.
     const auto id = s_.nextId();
     const auto now = core::Clock::now();
-    Pending job{std::move(result),
-                sender,
-                std::move(what),
-                std::move(source),
-                std::move(options),
-                events,
-                now,
-                realtimeUsec(),
-                now,
-                0,
-                0,
-                false,
-                false,
-                {}};
+    Pending job{std::move(result), sender, std::move(what), std::move(source), std::move(options), events};
+    job.started = now;
+    job.startedRealtimeUsec = realtimeUsec();
+    job.deadline = now + job.options.timeout;
     job.record.token = makeUuid();
     job.record.fileName = core::loFileName(job.record.token);
     job.record.ref = job.options.ref;
@@ -87,6 +79,14 @@ void AttachFlow::authorized(core::RequestId id, const Caller& caller)
     try {
         if (s_.stopping)
             throw Error(Errc::Failed, "cannot attach " + job.what + ": loopd is stopping");
+        // A path means what it means to the caller: loopd cannot resolve it in
+        // another process's root or mount namespace (a chroot, PrivateTmp=,
+        // InaccessiblePaths=), so it does not resolve it in its own instead.
+        if (std::holds_alternative<std::string>(job.source) && !caller.privileged && !caller.sameMounts)
+            throw Error(Errc::AccessDenied, "cannot attach " + job.what +
+                                                ": the path would be resolved in loopd's root and mount namespace, "
+                                                "not the caller's; open the file and pass the fd with AttachFd "
+                                                "(as loopctl attach does)");
         s_.table.reserveRef(job.options.ref);
     } catch (...) {
         return failed(id, std::current_exception());
@@ -115,6 +115,7 @@ void AttachFlow::run(core::RequestId id, const Caller& caller)
         work->path = *path;
     else
         work->fd = UniqueFd(std::get<sdbus::UnixFd>(job.source).release());
+    job.working = true;
     work->what = job.what;
     work->options = job.options;
     work->record = job.record;
@@ -123,23 +124,78 @@ void AttachFlow::run(core::RequestId id, const Caller& caller)
     // exactly the process's groups. None known: the overflow group, granting nothing.
     work->credentials = kernel::Credentials{caller.uid,
                                             caller.groups.empty() ? 65534 : caller.groups.front(),
-                                            {caller.groups.begin(), caller.groups.end()}};
+                                            {caller.groups.begin(), caller.groups.end()},
+                                            caller.privileged};
 
     // Worker thread: only the captured work and pure kernel calls.
-    const auto& records = s_.records;
-    s_.workers.submit([this, id, work, &records]() -> WorkerPool::Continuation {
+    // A thread of its own: opening and probing the caller's image may block for as
+    // long as its filesystem likes (a FUSE read that never returns). Past the
+    // deadline the call is answered without it (onTime) and whatever it did is
+    // undone when it returns. It copies what it uses (the record store is a
+    // directory name), as it may return after loopd let go of everything.
+    s_.workers.spawn([this, id, work, records = s_.records]() -> WorkerPool::Continuation {
         try {
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
             auto attached = std::make_shared<Attached>(attach(backing, work->options, work->record, records));
             return [this, id, attached, work] {
-                attaches_.at(id).record = work->record;
+                auto& job = attaches_.at(id);
+                job.working = false;
+                job.record = work->record;
+                if (job.answered)
+                    return dropLate(id, attached);
                 configured(id, attached);
             };
         } catch (...) {
-            return [this, id, error = std::current_exception()] { failed(id, error); };
+            return [this, id, error = std::current_exception()] {
+                attaches_.at(id).working = false;
+                failed(id, error);
+            };
         }
     });
+}
+
+// The kernel work came back after its caller was answered with Timeout: undo it.
+void AttachFlow::dropLate(core::RequestId id, const std::shared_ptr<Attached>& attached)
+{
+    auto node = attaches_.extract(id);
+    auto& job = node.mapped();
+    log::warn("attach of {} came back after its deadline dev=loop{} diskseq={}: undoing it", job.what,
+              attached->info.number, attached->info.diskseq);
+    s_.table.releaseRef(job.options.ref);
+    s_.workers.spawn([attached, record = job.record, records = s_.records] {
+        undo(std::move(attached->lockFd), attached->info);
+        records.remove(record);
+        return WorkerPool::Continuation([] {});
+    });
+}
+
+bool AttachFlow::idle() const
+{
+    return std::all_of(attaches_.begin(), attaches_.end(), [](const auto& entry) { return entry.second.answered; });
+}
+
+std::optional<core::Clock::time_point> AttachFlow::nextDeadline() const
+{
+    std::optional<core::Clock::time_point> next;
+    for (const auto& [id, job] : attaches_)
+        if (job.working && !job.answered && (!next || job.deadline < *next))
+            next = job.deadline;
+    return next;
+}
+
+void AttachFlow::onTime(core::Clock::time_point now)
+{
+    for (auto& [id, job] : attaches_) {
+        if (!job.working || job.answered || job.deadline > now)
+            continue;
+        job.answered = true;
+        const auto message = "cannot attach " + job.what +
+                             ": the backing file did not answer within the deadline; whatever was set up is undone "
+                             "once it does";
+        log::warn("attach timed out in the kernel sender={}: {}", job.sender, message);
+        job.result.returnError(makeDbusError(Errc::Timeout, message));
+    }
 }
 
 void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>& attached)
@@ -164,8 +220,7 @@ void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>&
         // Not in the table: undone here, the ref given back, the call failed.
         auto error = std::current_exception();
         const auto record = job.record;
-        const auto& records = s_.records;
-        return s_.workers.submit([this, id, error, info, lockFd, record, &records] {
+        return s_.workers.spawn([this, id, error, info, lockFd, record, records = s_.records] {
             undo(std::move(*lockFd), info);
             records.remove(record);
             return WorkerPool::Continuation([this, id, error] { failed(id, error); });
@@ -209,6 +264,8 @@ void AttachFlow::failed(core::RequestId id, std::exception_ptr error)
     auto node = attaches_.extract(id);
     auto& job = node.mapped();
     s_.table.releaseRef(job.options.ref);
+    if (job.answered)
+        return;
     auto reply = toDbusError(error, "cannot attach " + job.what);
     if (reply.getMessage().find(job.what) == std::string::npos) // NoFreeDevice and the like name no file
         reply = sdbus::Error(reply.getName(), "cannot attach " + job.what + ": " + reply.getMessage());
@@ -229,9 +286,8 @@ void AttachFlow::abandon(core::RequestId id, Errc code, const std::string& why, 
     s_.table.setState(job.diskseq, DeviceState::Detaching);
     const auto& device = *s_.table.find(job.diskseq);
     const auto message = device.describe() + " for " + job.what + ": " + why;
-    const auto& records = s_.records;
-    s_.workers.submit([this, id, code, message, clear, fd = device.lockFd, info = device.info,
-                       record = device.record(core::Record::State::Configured), &records] {
+    s_.workers.spawn([this, id, code, message, clear, fd = device.lockFd, info = device.info,
+                      record = device.record(core::Record::State::Configured), records = s_.records] {
         if (clear)
             undo(std::move(*fd), info);
         else

@@ -9,6 +9,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <variant>
 
@@ -40,7 +41,13 @@ public:
     // SIGTERM: waiters are failed, configured attaches undone, the rest refused as
     // they come back from their workers.
     void stop();
-    [[nodiscard]] bool idle() const { return attaches_.empty(); }
+    // No call in progress (attaches abandoned in a stuck kernel call don't count).
+    [[nodiscard]] bool idle() const;
+    // The earliest deadline of an attach whose kernel work has not come back.
+    [[nodiscard]] std::optional<core::Clock::time_point> nextDeadline() const;
+    // Answers those past their deadline with Timeout; their work is undone when
+    // (if ever) it comes back.
+    void onTime(core::Clock::time_point now);
     [[nodiscard]] bool waiting() const { return !waiters_.empty(); }
 
     // A lifetime=client device became ready after its caller left.
@@ -54,14 +61,16 @@ private:
         Source source;
         AttachOptions options;
         EventSource events = EventSource::Udev;
-        core::Clock::time_point started;
+        core::Clock::time_point started{};
         uint64_t startedRealtimeUsec = 0;
-        core::Clock::time_point deadline;
+        core::Clock::time_point deadline{};
         uint32_t ownerUid = 0;
         uint64_t diskseq = 0;    // once configured
         bool vanished = false;   // the caller left the bus meanwhile
         bool abandoning = false; // being undone: at most once
-        core::Record record;
+        bool working = false;    // its kernel work is out on a thread
+        bool answered = false;   // timed out while working: the caller has its reply
+        core::Record record{};
     };
     struct Waiter {
         AttachResult result;
@@ -73,6 +82,7 @@ private:
     void configured(core::RequestId id, const std::shared_ptr<Attached>& attached);
     void ready(core::RequestId id);
     void failed(core::RequestId id, std::exception_ptr error);
+    void dropLate(core::RequestId id, const std::shared_ptr<Attached>& attached);
     void abandon(core::RequestId id, Errc code, const std::string& why, bool clear);
     void settleWaiter(core::RequestId id, const core::Outcome& outcome);
 

@@ -1,5 +1,7 @@
 #include "callers.hpp"
 
+#include "kernel/process.hpp"
+
 #include <loopd/error.hpp>
 #include <loopd/log.hpp>
 
@@ -17,7 +19,11 @@ void Callers::authorize(const std::string& sender, core::Action action, const st
     lookup(sender, what, [this, sender, action, what, then, ownerUid](std::exception_ptr error, Caller caller) {
         if (error)
             return then(error, std::move(caller));
-        const auto verdict = core::decide(action, core::Caller{caller.uid}, ownerUid);
+        if (const auto facts = kernel::inspectProcess(static_cast<pid_t>(caller.pid))) {
+            caller.privileged = caller.uid == 0 && kernel::hasRootPowers(*facts);
+            caller.sameMounts = facts->sharesMountsAndRoot;
+        }
+        const auto verdict = core::decide(action, core::Caller{caller.uid, caller.privileged}, ownerUid);
         if (verdict.allowed)
             return then(nullptr, std::move(caller));
         askPolkit(sender, verdict.polkitAction, [then, caller, what, verdict](bool allowed) {
@@ -52,6 +58,8 @@ void Callers::lookup(const std::string& sender, const std::string& what, Then th
                 Caller caller;
                 if (credentials.count("UnixUserID"))
                     caller.uid = credentials.at("UnixUserID").get<uint32_t>();
+                if (credentials.count("ProcessID"))
+                    caller.pid = credentials.at("ProcessID").get<uint32_t>();
                 if (credentials.count("UnixGroupIDs"))
                     caller.groups = credentials.at("UnixGroupIDs").get<std::vector<uint32_t>>();
                 known_[sender] = caller;

@@ -20,6 +20,11 @@ namespace loopd::service {
 struct Caller {
     uint32_t uid = UINT32_MAX;
     std::vector<uint32_t> groups; // as the bus saw them, the primary gid among them
+    uint32_t pid = 0;             // as the bus saw it
+    // Looked up afresh for each call (kernel::inspectProcess): a process may drop
+    // its powers, or change namespace, after it connected.
+    bool privileged = false; // uid 0 with root's capabilities
+    bool sameMounts = false; // its paths resolve as loopd's do
 };
 
 class Callers {

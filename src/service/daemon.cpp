@@ -132,6 +132,7 @@ EventLoop::Wait Daemon::prepare()
         onUevents(kernelMonitor_);
     }
     settle(registry_.onTime(now));
+    attach_.onTime(now);
     for (const auto& due : registry_.nudges(now, nudgeAfter))
         repair_.nudge(due);
     if (now >= nextHousekeeping_)
@@ -141,6 +142,8 @@ EventLoop::Wait Daemon::prepare()
 
     const auto poll = connection_->getEventLoopPollData();
     EventLoop::Wait wait{poll.fd, static_cast<uint32_t>(poll.events), registry_.nextDeadline()};
+    if (const auto attach = attach_.nextDeadline(); attach && (!wait.deadline || *attach < *wait.deadline))
+        wait.deadline = attach;
     if (const auto ping = std::min(watchdog_.ping(now), nextHousekeeping_); !wait.deadline || ping < *wait.deadline)
         wait.deadline = ping;
     if (const auto relative = poll.getRelativeTimeout()) {

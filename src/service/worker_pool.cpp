@@ -10,9 +10,10 @@
 
 namespace loopd::service {
 
-WorkerPool::WorkerPool(unsigned threads) : eventFd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK))
+WorkerPool::WorkerPool(unsigned threads) : mailbox_(std::make_shared<Mailbox>())
 {
-    if (!eventFd_)
+    mailbox_->eventFd = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!mailbox_->eventFd)
         throw std::system_error(errno, std::generic_category(), "eventfd");
     for (unsigned i = 0; i < threads; ++i)
         threads_.emplace_back([this] { work(); });
@@ -29,6 +30,17 @@ WorkerPool::~WorkerPool()
         thread.join();
 }
 
+void WorkerPool::Mailbox::post(Continuation continuation)
+{
+    {
+        std::lock_guard lock(mutex);
+        done.push_back(std::move(continuation));
+    }
+    const uint64_t one = 1;
+    // Cannot fail short of a counter overflow, which 2^64 completions would need.
+    (void)!::write(eventFd.get(), &one, sizeof(one));
+}
+
 void WorkerPool::submit(Job job)
 {
     {
@@ -38,15 +50,20 @@ void WorkerPool::submit(Job job)
     wake_.notify_one();
 }
 
+void WorkerPool::spawn(Job job)
+{
+    std::thread([mailbox = mailbox_, job = std::move(job)] { mailbox->post(job()); }).detach();
+}
+
 void WorkerPool::runContinuations()
 {
     uint64_t count = 0;
     // EAGAIN only means another wake-up already drained the counter.
-    (void)!::read(eventFd_.get(), &count, sizeof(count));
+    (void)!::read(mailbox_->eventFd.get(), &count, sizeof(count));
     std::deque<Continuation> ready;
     {
-        std::lock_guard lock(mutex_);
-        ready.swap(done_);
+        std::lock_guard lock(mailbox_->mutex);
+        ready.swap(mailbox_->done);
     }
     for (auto& continuation : ready) {
         // One failed continuation (a reply the bus refused) must not stop the rest
@@ -72,14 +89,7 @@ void WorkerPool::work()
             job = std::move(jobs_.front());
             jobs_.pop_front();
         }
-        auto continuation = job();
-        {
-            std::lock_guard lock(mutex_);
-            done_.push_back(std::move(continuation));
-        }
-        const uint64_t one = 1;
-        // Cannot fail short of a counter overflow, which 2^64 completions would need.
-        (void)!::write(eventFd_.get(), &one, sizeof(one));
+        mailbox_->post(job());
     }
 }
 

@@ -191,7 +191,7 @@ class Client:
     """A test user's client: `runuser -u USER -- python3 client.py OP ...` (or setpriv
     with explicit ids). Calls raise harness.CallError with the exact error name."""
 
-    def __init__(self, env, user, via="runuser", gid=None):
+    def __init__(self, env, user, via="runuser", gid=None, prefix=None):
         self.env = env
         self.user = user
         self.script = env.path("client.py")
@@ -199,7 +199,9 @@ class Client:
             with open(self.script, "w") as f:
                 f.write(CLIENT)
             os.chmod(self.script, 0o644)
-        if via == "runuser":
+        if prefix is not None:  # a command line of the test's own
+            self.prefix = prefix
+        elif via == "runuser":
             self.prefix = ["runuser", "-u", user, "--"]
         elif gid is None:  # setpriv: the user's uid, primary gid and groups
             pw = pwd.getpwnam(user)
@@ -606,6 +608,75 @@ def test_symlink_swapped_during_attach(env):
     assert ok and refused, \
         f"the race did not happen: {len(ok)} attached, {len(refused)} refused, {flips[0]} flips"
     print(f"# symlink race: {len(ok)} attached the image, {len(refused)} refused, {flips[0]} flips")
+
+
+# --------------------------------------------------------------------------- hostile callers (issue 13)
+
+CAPLESS_ROOT = ["setpriv", "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all",
+                "--bounding-set=-all"]
+
+
+def test_capless_root_is_not_root(env):
+    """uid 0 without CAP_DAC_OVERRIDE and CAP_SYS_ADMIN is treated like any other
+    user: its Attach of another user's mode-600 file is AccessDenied (polkit lets a
+    uid-0 subject through; the open, checked as that process's own would be, does
+    not). Failed before: loopd opened it with its own powers and attached it."""
+    image = env.image("gpt3")
+    give(image.path, USER2, 0o600)
+    capless = Client(env, "root", prefix=CAPLESS_ROOT)
+    # The premise: the capless process cannot read the file itself.
+    assert run(*CAPLESS_ROOT, "head", "-c1", image.path, check=False).returncode != 0, \
+        "a capless uid-0 process can read a mode-600 file of another user"
+    for ro in (False, True):
+        err = denied(env, f"Attach by capless root (read-only {ro})", capless.attach, image.path,
+                     **{"read-only": ro})
+        assert image.path in err.message, err.message
+
+
+def test_confined_caller_path_is_refused_with_a_pointer_to_attachfd(env):
+    """A caller in a mount namespace of its own (PrivateTmp=, InaccessiblePaths=, a
+    chroot are all that) cannot have its path resolved in loopd's: AccessDenied
+    naming AttachFd; the fd route works. Failed before: loopd resolved the path in
+    its own namespace and attached what the caller could not reach."""
+    image = env.image("gpt3")
+    give(image.path, USER, 0o600)
+    confined = Client(env, USER, prefix=["unshare", "--mount", "--propagation", "private",
+                                         "runuser", "-u", USER, "--"])
+    err = denied(env, "Attach by path from another mount namespace", confined.attach, image.path)
+    assert "AttachFd" in err.message and image.path in err.message, err.message
+    reply = confined.attach_fd(image.path, "rw")
+    with detaching(reply):
+        check_owned(reply, image, USER)
+    verify_detached(reply["devnode"], reply["diskseq"])
+
+
+def test_magic_links_are_refused(env):
+    """/proc/self/... names loopd's own process: a path through a magic link is
+    InvalidArgument, for root too. Failed before: /proc/self/root/<image> attached."""
+    image = env.image("none")
+    for path in (f"/proc/self/root{image.path}", "/proc/self/fd/0"):
+        err = expect_error("InvalidArgument", pydbus_attach, path, pydbus_options())
+        assert path in err.message, err.message
+        nothing_attached(env, f"Attach {path}")
+
+
+def test_attachfd_refuses_what_cannot_back_a_device(env):
+    """AttachFd takes regular files and block devices open for reading: an O_PATH
+    fd, a write-only one, procfs and sysfs files are InvalidArgument, naming the
+    file. Failed before: the write-only fd and the sysfs file were attached."""
+    image = env.image("none")
+    cases = [("O_PATH", image.path, os.O_PATH), ("write-only", image.path, os.O_WRONLY),
+             ("procfs", "/proc/self/stat", os.O_RDONLY),
+             ("sysfs", "/sys/kernel/uevent_seqnum", os.O_RDONLY)]
+    for what, path, flags in cases:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        try:
+            err = expect_error("InvalidArgument", pydbus_call, "AttachFd", "ha{sv}",
+                               [dbus.types.UnixFd(fd), pydbus_options()])
+        finally:
+            os.close(fd)
+        nothing_attached(env, f"AttachFd of a {what} fd")
+        assert err.message, what
 
 
 if __name__ == "__main__":

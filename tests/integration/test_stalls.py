@@ -1,16 +1,27 @@
 #!/usr/bin/python3
 """Nothing outside loopd stalls it (DESIGN.md, "Nothing outside stalls loopd"):
 a loop device someone else holds flock()ed is passed over, not waited for under
-the loop-control lock, so the attach (and everyone else's) goes on at once.
+the loop-control lock; backing files whose reads never return (a FUSE
+filesystem, stuck_fs.py) stall only their own attaches, which fail with Timeout
+within their own deadline and are undone once the reads return.
 """
 
 import fcntl
 import os
 import subprocess
+import sys
+import threading
 import time
 
-from harness import (detaching, loop_name, main, pydbus_attach, read_text,
-                     verify_reply)
+import dbus
+
+from harness import (CALL_TIMEOUT, CallError, detaching, loop_devices_backed_under, loop_name,
+                     main, pydbus_attach, pydbus_options, read_text, verify_reply)
+
+STUCK_FS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stuck_fs.py")
+# More than loopd has workers (4): before, they all hung in the stuck reads.
+STUCK_ATTACHES = 6
+STUCK_DEADLINE = 3.0  # their timeout-usec
 
 # A reply later than this waited for the lock: udev holds a device locked for
 # milliseconds, the test holds it for the whole attach.
@@ -44,6 +55,72 @@ def test_locked_free_device_is_passed_over(env):
                 f"{locked}, locked by someone else, was configured anyway"
     finally:
         os.close(holder)
+
+
+class StuckFs:
+    """stuck_fs.py mounted under the test's temp dir; reads block until release()."""
+
+    def __init__(self, env, size=64 << 20):
+        self.mnt, self.flag = env.path("stuck"), env.path("stuck.release")
+        os.makedirs(self.mnt)
+        self.proc = subprocess.Popen([sys.executable, STUCK_FS, self.mnt, str(size), self.flag])
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(self.mnt):  # the FUSE process starting up
+            assert self.proc.poll() is None and time.monotonic() < deadline, "stuck_fs.py did not mount"
+            time.sleep(0.05)
+        self.image = os.path.join(self.mnt, "image")
+
+    def release_and_unmount(self):
+        """Lets every read return, waits until loopd has undone the late attaches,
+        then unmounts."""
+        open(self.flag, "w").close()
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while loop_devices_backed_under(self.mnt) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the late attaches come back and are undone
+        left = loop_devices_backed_under(self.mnt)
+        subprocess.run(["fusermount", "-u", self.mnt], check=False)
+        self.proc.wait(timeout=10)
+        assert not left, f"still attached {CALL_TIMEOUT} s after the reads returned: {left}"
+
+
+def test_backing_files_that_never_answer_stall_nobody(env):
+    """Failed before (issue 13): the stuck attaches took every worker, and another
+    caller's attach of a normal image got no reply until the reads returned."""
+    fs = StuckFs(env)
+    try:
+        started = time.monotonic()
+        answers = []
+
+        def stuck_attach():
+            try:
+                reply = pydbus_attach(fs.image, pydbus_options(timeout_usec=dbus.UInt64(int(STUCK_DEADLINE * 1e6))))
+                answers.append((time.monotonic() - started, None, reply))
+            except CallError as e:
+                answers.append((time.monotonic() - started, e, None))
+
+        stuck = [threading.Thread(target=stuck_attach, daemon=True) for _ in range(STUCK_ATTACHES)]
+        for t in stuck:
+            t.start()
+        time.sleep(0.5)  # not a readiness wait: lets the stuck attaches reach their reads first
+        image = env.image("gpt3")
+        with detaching() as held:
+            before = time.monotonic()
+            reply = held.add(pydbus_attach(image.path))
+            took = time.monotonic() - before
+            verify_reply(reply, image)
+            assert took < NOT_WAITED, f"a normal attach took {took:.1f} s beside {STUCK_ATTACHES} stuck ones"
+            print(f"# a normal attach beside {STUCK_ATTACHES} stuck ones: {took * 1000:.0f} ms")
+        for t in stuck:
+            t.join(CALL_TIMEOUT + 30)
+        assert len(answers) == STUCK_ATTACHES, f"{STUCK_ATTACHES - len(answers)} stuck attaches got no answer"
+        for seconds, error, reply in answers:
+            assert reply is None, f"an attach of a file whose reads never return succeeded: {reply}"
+            assert error.name == "org.loopd1.Error.Timeout", f"a stuck attach answered {error}, expected Timeout"
+            assert fs.image in error.message, f"the Timeout message does not name {fs.image}: {error.message}"
+            assert seconds < STUCK_DEADLINE + NOT_WAITED, \
+                f"a stuck attach was answered after {seconds:.1f} s, its deadline {STUCK_DEADLINE} s"
+    finally:
+        fs.release_and_unmount()
 
 
 if __name__ == "__main__":
