@@ -14,6 +14,7 @@ enum class Errc {
     NoFreeDevice,
     DeviceChanged,
     Timeout,
+    LimitExceeded,
     Failed,
 };
 

@@ -19,6 +19,8 @@ const char* errcName(Errc code) noexcept
         return "DeviceChanged";
     case Errc::Timeout:
         return "Timeout";
+    case Errc::LimitExceeded:
+        return "LimitExceeded";
     case Errc::Failed:
         break;
     }

@@ -21,6 +21,18 @@
 namespace loopd::kernel {
 namespace {
 
+// The 32-bit ids' syscalls: on i386 and armhf the plain numbers are the old
+// 16-bit calls (ids above 65535 would be cut); elsewhere there is only one kind.
+#ifdef SYS_setfsuid32
+constexpr long sysSetfsuid = SYS_setfsuid32;
+constexpr long sysSetfsgid = SYS_setfsgid32;
+constexpr long sysSetgroups = SYS_setgroups32;
+#else
+constexpr long sysSetfsuid = SYS_setfsuid;
+constexpr long sysSetfsgid = SYS_setfsgid;
+constexpr long sysSetgroups = SYS_setgroups;
+#endif
+
 // The capabilities that let root open any file, taken out of this thread's
 // effective set (capset on the calling thread only) and put back after.
 class FileCapabilities {
@@ -64,13 +76,13 @@ public:
         // are dropped here, so the open is checked as that process's would be.
         if (caller.uid == 0)
             dropped_ = FileCapabilities::drop();
-        if (::syscall(SYS_setgroups, caller.groups.size(), caller.groups.data()) < 0)
+        if (::syscall(sysSetgroups, caller.groups.size(), caller.groups.data()) < 0)
             throw std::system_error(errno, std::generic_category(), "setgroups");
-        if (!switchTo(SYS_setfsgid, caller.gid)) {
+        if (!switchTo(sysSetfsgid, caller.gid)) {
             restore();
             throw std::system_error(EPERM, std::generic_category(), "setfsgid");
         }
-        if (!switchTo(SYS_setfsuid, caller.uid)) {
+        if (!switchTo(sysSetfsuid, caller.uid)) {
             restore();
             throw std::system_error(EPERM, std::generic_category(), "setfsuid");
         }
@@ -100,16 +112,16 @@ private:
     // happen while loopd keeps the CAP_SETUID and CAP_SETGID it switched with.
     void restore() noexcept
     {
-        const bool uid = switchTo(SYS_setfsuid, uid_);
-        const bool gid = switchTo(SYS_setfsgid, gid_);
-        if (!uid || !gid || ::syscall(SYS_setgroups, 0, nullptr) != 0)
+        const bool uid = switchTo(sysSetfsuid, uid_);
+        const bool gid = switchTo(sysSetfsgid, gid_);
+        if (!uid || !gid || ::syscall(sysSetgroups, 0, nullptr) != 0)
             std::abort();
     }
     bool active_;
     std::optional<FileCapabilities> dropped_;
     // The thread's own ids, as they were before the switch.
-    unsigned uid_ = static_cast<unsigned>(::syscall(SYS_setfsuid, -1));
-    unsigned gid_ = static_cast<unsigned>(::syscall(SYS_setfsgid, -1));
+    unsigned uid_ = static_cast<unsigned>(::syscall(sysSetfsuid, -1));
+    unsigned gid_ = static_cast<unsigned>(::syscall(sysSetfsgid, -1));
 };
 
 [[noreturn]] void invalid(const std::string& what, const std::string& why)

@@ -227,14 +227,23 @@ void clear(int loopFd)
 
 namespace loopd::kernel {
 
-void setAutoclear(int loopFd, bool on)
+namespace {
+
+void setFlag(int loopFd, uint32_t flag, bool on)
 {
     loop_info64 info{};
     if (ioctlRetry(loopFd, LOOP_GET_STATUS64, &info) < 0)
         fail("LOOP_GET_STATUS64");
-    info.lo_flags = on ? (info.lo_flags | LO_FLAGS_AUTOCLEAR) : (info.lo_flags & ~LO_FLAGS_AUTOCLEAR);
+    info.lo_flags = on ? (info.lo_flags | flag) : (info.lo_flags & ~flag);
     if (ioctlRetry(loopFd, LOOP_SET_STATUS64, &info) < 0)
         fail("LOOP_SET_STATUS64");
+}
+
+} // namespace
+
+void setAutoclear(int loopFd, bool on)
+{
+    setFlag(loopFd, LO_FLAGS_AUTOCLEAR, on);
 }
 
 } // namespace loopd::kernel

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -19,6 +20,13 @@ struct PartitionSpec {
 // empty when there is none. Extended (container) MBR partitions are skipped: the
 // kernel exposes them as 1 KiB stubs that are of no use to anyone.
 std::vector<PartitionSpec> probePartitions(int fd);
+
+// The same, parsed where attacker-controlled bytes can hurt nothing: a forked
+// child with no capabilities, no other fds and a seccomp filter that allows
+// reading, memory and the answer. Its answer is checked as untrusted input. Past
+// the deadline it is killed and this throws ETIMEDOUT (once the child is gone: one
+// stuck in a read of the device goes only when the read returns).
+std::vector<PartitionSpec> probePartitionsConfined(int fd, std::chrono::steady_clock::time_point deadline);
 
 // BLKPG_ADD_PARTITION. Returns false if the partition already exists (EBUSY: the
 // kernel's own parser created it, on kernels that have one).

@@ -64,12 +64,17 @@ void AttachFlow::start(AttachResult&& result, const std::string& sender, std::st
     job.record.lifetime = job.options.lifetime;
     job.record.owner = sender;
     const auto denied = "attaching " + job.what;
+    // For polkit's rules and the agent's prompt: what is attached, and how.
+    Callers::Details details{{"loopd.file", job.what}, {"loopd.read-only", job.options.readOnly ? "true" : "false"}};
+    if (!job.options.ref.empty())
+        details.emplace("loopd.ref", job.options.ref);
     attaches_.emplace(id, std::move(job));
-    callers_.authorize(sender, core::Action::Attach, denied, [this, id](std::exception_ptr error, Caller caller) {
-        if (error)
-            return failed(id, error);
-        authorized(id, caller);
-    });
+    callers_.authorize(sender, core::Action::Attach, denied, std::move(details),
+                       [this, id](std::exception_ptr error, Caller caller) {
+                           if (error)
+                               return failed(id, error);
+                           authorized(id, caller);
+                       });
 }
 
 // Authorization first, state second: nothing is reserved before this point.
@@ -87,6 +92,14 @@ void AttachFlow::authorized(core::RequestId id, const Caller& caller)
                                                 ": the path would be resolved in loopd's root and mount namespace, "
                                                 "not the caller's; open the file and pass the fd with AttachFd "
                                                 "(as loopctl attach does)");
+        if (!caller.privileged && heldBy(caller.uid) >= s_.limits.devicesPerUser)
+            throw Error(Errc::LimitExceeded, "cannot attach " + job.what + ": uid " + std::to_string(caller.uid) +
+                                                 " holds or is attaching " + std::to_string(s_.limits.devicesPerUser) +
+                                                 " loop devices already (max-devices-per-user)");
+        // No identity to open the file with: refused, never a stand-in group.
+        if (!caller.privileged && caller.groups.empty())
+            throw Error(Errc::Failed, "cannot attach " + job.what + ": the bus did not report the groups of uid " +
+                                          std::to_string(caller.uid));
         s_.table.reserveRef(job.options.ref);
     } catch (...) {
         return failed(id, std::current_exception());
@@ -109,8 +122,12 @@ void AttachFlow::run(core::RequestId id, const Caller& caller)
         AttachOptions options;
         kernel::Credentials credentials;
         core::Record record;
+        unsigned maxPartitions = 0;
+        core::Clock::time_point deadline;
     };
     auto work = std::make_shared<Work>();
+    work->maxPartitions = s_.limits.partitions;
+    work->deadline = job.deadline;
     if (auto* path = std::get_if<std::string>(&job.source))
         work->path = *path;
     else
@@ -121,9 +138,10 @@ void AttachFlow::run(core::RequestId id, const Caller& caller)
     work->record = job.record;
     // The groups of the calling process as the bus saw them (its gid among them):
     // fsgid is one of them and the rest are supplementary, so access checks see
-    // exactly the process's groups. None known: the overflow group, granting nothing.
+    // exactly the process's groups (none known: refused in authorized(), unless
+    // privileged, whose open needs no identity switch).
     work->credentials = kernel::Credentials{caller.uid,
-                                            caller.groups.empty() ? 65534 : caller.groups.front(),
+                                            caller.groups.empty() ? 0 : caller.groups.front(),
                                             {caller.groups.begin(), caller.groups.end()},
                                             caller.privileged};
 
@@ -137,7 +155,8 @@ void AttachFlow::run(core::RequestId id, const Caller& caller)
         try {
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
-            auto attached = std::make_shared<Attached>(attach(backing, work->options, work->record, records));
+            auto attached = std::make_shared<Attached>(
+                attach(backing, work->options, work->record, records, work->maxPartitions, work->deadline));
             return [this, id, attached, work] {
                 auto& job = attaches_.at(id);
                 job.working = false;
@@ -168,6 +187,15 @@ void AttachFlow::dropLate(core::RequestId id, const std::shared_ptr<Attached>& a
         records.remove(record);
         return WorkerPool::Continuation([] {});
     });
+}
+
+// Devices a uid holds in the table, and attaches of its own still in the kernel.
+std::size_t AttachFlow::heldBy(uint32_t uid) const
+{
+    const auto working = std::count_if(attaches_.begin(), attaches_.end(), [uid](const auto& entry) {
+        return entry.second.working && entry.second.ownerUid == uid;
+    });
+    return s_.table.countOwnedBy(uid) + static_cast<std::size_t>(working);
 }
 
 bool AttachFlow::idle() const

@@ -83,6 +83,7 @@ private:
     void ready(core::RequestId id);
     void failed(core::RequestId id, std::exception_ptr error);
     void dropLate(core::RequestId id, const std::shared_ptr<Attached>& attached);
+    [[nodiscard]] std::size_t heldBy(uint32_t uid) const;
     void abandon(core::RequestId id, Errc code, const std::string& why, bool clear);
     void settleWaiter(core::RequestId id, const core::Outcome& outcome);
 

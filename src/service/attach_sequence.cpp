@@ -39,6 +39,9 @@ kernel::LoopConfig configOf(const kernel::BackingFile& backing, const AttachOpti
     };
 }
 
+// How long a table read again (a detach taken back, an adoption) may take.
+constexpr std::chrono::seconds reprobeLimit{10};
+
 // Someone not using the loop-control lock (losetup) may take the number between
 // LOOP_CTL_GET_FREE and LOOP_CONFIGURE; back off a little and take another.
 void backOff()
@@ -111,20 +114,28 @@ std::optional<UniqueFd> lockedFreeDevice(kernel::LoopControl& control, unsigned&
 // when someone not using the lock took that number first.
 std::optional<Configured> tryConfigure(const kernel::LoopConfig& config)
 {
-    kernel::LoopControl control;
     unsigned number;
-    try {
-        number = control.getFree();
-    } catch (const std::system_error& e) {
-        throw Error(Errc::NoFreeDevice, std::string("no free loop device: ") + e.what());
+    std::optional<UniqueFd> loopFd;
+    {
+        kernel::LoopControl control;
+        try {
+            number = control.getFree();
+        } catch (const std::system_error& e) {
+            throw Error(Errc::NoFreeDevice, std::string("no free loop device: ") + e.what());
+        }
+        // LOCK_EX keeps udev away while the device is half set up: stale
+        // partitions, and the unconfigured window of the pre-5.8 fallback. Never
+        // waited for under the control lock: a device someone else holds locked
+        // would stall every attach. It is passed over for the next unbound number.
+        loopFd = lockedFreeDevice(control, number, config.readOnly);
+        if (!loopFd || kernel::getStatus(loopFd->get()))
+            return std::nullopt;
     }
-    // LOCK_EX keeps udev away while the device is half set up: stale partitions,
-    // and the unconfigured window of the pre-5.8 fallback. Never waited for under
-    // the control lock: a device someone else holds locked would stall every
-    // attach. It is passed over for the next unbound number instead.
-    auto loopFd = lockedFreeDevice(control, number, config.readOnly);
-    if (!loopFd || kernel::getStatus(loopFd->get()))
-        return std::nullopt;
+    // The control lock is let go here: the device is ours by its LOCK_EX (another
+    // loopd attach passes it over; a tool that waits for its lock then finds it
+    // bound). On kernels with partition parsers LOOP_CONFIGURE with partscan reads
+    // the caller's image, which may take as long as its filesystem likes: under
+    // the control lock that would stall every attach.
     removeStalePartitions(loopFd->get(), number);
     // Downgraded at once after (identify): udevd requeues the change event of a
     // device it finds LOCK_EX-locked and retries only every 200 ms (udev 252),
@@ -147,9 +158,16 @@ Configured allocateAndConfigure(const kernel::LoopConfig& config)
     throw Error(Errc::NoFreeDevice, "no loop device stayed free long enough to configure it");
 }
 
-void addPartitions(int loopFd, DeviceInfo& info)
+// The table is read by a confined child (kernel::probePartitionsConfined): the
+// image is the caller's, its bytes are parsed outside this privileged process.
+void addPartitions(int loopFd, DeviceInfo& info, unsigned maxPartitions, core::Clock::time_point deadline)
 {
-    for (const auto& spec : kernel::probePartitions(loopFd)) {
+    const auto table = kernel::probePartitionsConfined(loopFd, deadline);
+    if (table.size() > maxPartitions)
+        throw Error(Errc::LimitExceeded, kernel::loopDevNode(info.number) + ": the image's partition table has " +
+                                             std::to_string(table.size()) + " partitions, more than " +
+                                             std::to_string(maxPartitions) + " (max-partitions)");
+    for (const auto& spec : table) {
         // false: the kernel's own parser created it already (EBUSY), fine.
         kernel::addPartition(loopFd, spec);
         info.partitions.push_back(spec.number);
@@ -214,7 +232,7 @@ std::optional<UniqueFd> takeBack(const DeviceInfo& info)
     if (kernel::diskseq(fd.get()) != info.diskseq || !kernel::getStatus(fd.get()))
         return std::nullopt;
     kernel::setAutoclear(fd.get(), false);
-    for (const auto& spec : kernel::probePartitions(fd.get()))
+    for (const auto& spec : kernel::probePartitionsConfined(fd.get(), core::Clock::now() + reprobeLimit))
         if (std::find(info.partitions.begin(), info.partitions.end(), spec.number) != info.partitions.end())
             kernel::addPartition(fd.get(), spec);
     kernel::lockFd(fd.get(), LOCK_SH);
@@ -265,7 +283,7 @@ kernel::BackingFile checkBacking(UniqueFd fd, const std::string& what, const Att
 }
 
 Attached attach(const kernel::BackingFile& backing, const AttachOptions& options, core::Record& record,
-                const RecordStore& records)
+                const RecordStore& records, unsigned maxPartitions, core::Clock::time_point deadline)
 {
     record.state = core::Record::State::Intent;
     record.info.backingDevice = backing.device;
@@ -290,7 +308,7 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
         records.write(record); // the same file: the intent becomes the configured record
         readBack(attached.lockFd.get(), backing, info);
         if (options.partscan)
-            addPartitions(attached.lockFd.get(), info);
+            addPartitions(attached.lockFd.get(), info, maxPartitions, deadline);
     } catch (...) {
         undo(std::move(attached.lockFd), info);
         records.remove(record);
@@ -396,7 +414,7 @@ std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
     kernel::lockFd(fd->get(), LOCK_SH);
     const auto present = kernel::existingPartitions(info.number);
     if (info.partscan && present.size() < info.partitions.size()) {
-        for (const auto& spec : kernel::probePartitions(fd->get()))
+        for (const auto& spec : kernel::probePartitionsConfined(fd->get(), core::Clock::now() + reprobeLimit))
             kernel::addPartition(fd->get(), spec);
         readded = true;
     }

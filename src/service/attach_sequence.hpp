@@ -4,6 +4,8 @@
 #include "kernel/partitions.hpp"
 #include "record_store.hpp"
 
+#include "core/registry.hpp"
+
 #include <loopd/attach_options.hpp>
 #include <loopd/device_info.hpp>
 #include <loopd/unique_fd.hpp>
@@ -32,8 +34,10 @@ kernel::BackingFile checkBacking(UniqueFd fd, const std::string& what, const Att
 // diskseq and what the kernel applied, and adds the partitions of its table.
 // Keeps `record` in the store as it goes (intent before LOOP_CONFIGURE, configured
 // once the diskseq is known). On failure nothing stays attached and no record.
+// An image with more than maxPartitions partitions is refused (LimitExceeded).
+// The table is probed by the deadline (Timeout past it).
 Attached attach(const kernel::BackingFile& backing, const AttachOptions& options, core::Record& record,
-                const RecordStore& records);
+                const RecordStore& records, unsigned maxPartitions, core::Clock::time_point deadline);
 
 enum class DetachOutcome {
     Released,  // the kernel released the attachment

@@ -13,28 +13,29 @@ Callers::Callers(sdbus::IConnection& connection, sdbus::IProxy& bus)
 {
 }
 
-void Callers::authorize(const std::string& sender, core::Action action, const std::string& what, Then then,
-                        std::optional<uint32_t> ownerUid)
+void Callers::authorize(const std::string& sender, core::Action action, const std::string& what, Details details,
+                        Then then, std::optional<uint32_t> ownerUid)
 {
-    lookup(sender, what, [this, sender, action, what, then, ownerUid](std::exception_ptr error, Caller caller) {
-        if (error)
-            return then(error, std::move(caller));
-        if (const auto facts = kernel::inspectProcess(static_cast<pid_t>(caller.pid))) {
-            caller.privileged = caller.uid == 0 && kernel::hasRootPowers(*facts);
-            caller.sameMounts = facts->sharesMountsAndRoot;
-        }
-        const auto verdict = core::decide(action, core::Caller{caller.uid, caller.privileged}, ownerUid);
-        if (verdict.allowed)
-            return then(nullptr, std::move(caller));
-        askPolkit(sender, verdict.polkitAction, [then, caller, what, verdict](bool allowed) {
-            if (allowed)
-                return then(nullptr, caller);
-            then(std::make_exception_ptr(Error(Errc::AccessDenied, what + " was not authorized (polkit action " +
-                                                                       verdict.polkitAction + ", uid " +
-                                                                       std::to_string(caller.uid) + ")")),
-                 caller);
-        });
-    });
+    lookup(sender, what,
+           [this, sender, action, what, details, then, ownerUid](std::exception_ptr error, Caller caller) {
+               if (error)
+                   return then(error, std::move(caller));
+               if (const auto facts = kernel::inspectProcess(static_cast<pid_t>(caller.pid))) {
+                   caller.privileged = caller.uid == 0 && kernel::hasRootPowers(*facts);
+                   caller.sameMounts = facts->sharesMountsAndRoot;
+               }
+               const auto verdict = core::decide(action, core::Caller{caller.uid, caller.privileged}, ownerUid);
+               if (verdict.allowed)
+                   return then(nullptr, std::move(caller));
+               askPolkit(sender, verdict.polkitAction, details, [then, caller, what, verdict](bool allowed) {
+                   if (allowed)
+                       return then(nullptr, caller);
+                   then(std::make_exception_ptr(Error(Errc::AccessDenied, what + " was not authorized (polkit action " +
+                                                                              verdict.polkitAction + ", uid " +
+                                                                              std::to_string(caller.uid) + ")")),
+                        caller);
+               });
+           });
 }
 
 void Callers::lookup(const std::string& sender, const std::string& what, Then then)
@@ -74,18 +75,43 @@ void Callers::lookup(const std::string& sender, const std::string& what, Then th
 // "system-bus-name": polkit resolves the name itself, so no PID is trusted), with
 // user interaction allowed so an agent may ask for a password. The answer may take
 // as long as the user does.
-void Callers::askPolkit(const std::string& sender, const std::string& action, std::function<void(bool)> then)
+namespace {
+
+// D-Bus strings must be valid UTF-8, and a file name is any bytes: the prompt gets
+// printable ASCII, the rest as '?'.
+Callers::Details printable(const Callers::Details& details)
+{
+    auto out = details;
+    for (auto& [key, value] : out)
+        for (auto& c : value)
+            if (c < ' ' || c > '~')
+                c = '?';
+    return out;
+}
+
+} // namespace
+
+void Callers::askPolkit(const std::string& sender, const std::string& action, const Details& details,
+                        std::function<void(bool)> then)
 {
     using Subject = sdbus::Struct<std::string, std::map<std::string, sdbus::Variant>>;
     using Answer = sdbus::Struct<bool, bool, std::map<std::string, std::string>>;
     constexpr uint32_t allowUserInteraction = 1;
+    const auto cancellation = "loopd-" + std::to_string(nextCheck_++);
+    checking_.emplace(sender, cancellation);
     try {
         polkit_->callMethodAsync("CheckAuthorization")
             .onInterface("org.freedesktop.PolicyKit1.Authority")
             .withTimeout(std::chrono::minutes(5))
-            .withArguments(Subject{"system-bus-name", {{"name", sdbus::Variant(sender)}}}, action,
-                           std::map<std::string, std::string>{}, allowUserInteraction, std::string{})
-            .uponReplyInvoke([then, action, sender](const sdbus::Error* error, Answer answer) {
+            .withArguments(Subject{"system-bus-name", {{"name", sdbus::Variant(sender)}}}, action, printable(details),
+                           allowUserInteraction, cancellation)
+            .uponReplyInvoke([this, then, action, sender, cancellation](const sdbus::Error* error, Answer answer) {
+                const auto [first, last] = checking_.equal_range(sender);
+                for (auto it = first; it != last; ++it)
+                    if (it->second == cancellation) {
+                        checking_.erase(it);
+                        break;
+                    }
                 if (error)
                     log::warn("polkit could not be asked action={} sender={}: {}", action, sender, error->getMessage());
                 then(!error && std::get<0>(answer));
@@ -94,6 +120,23 @@ void Callers::askPolkit(const std::string& sender, const std::string& action, st
         log::warn("polkit could not be asked action={} sender={}: {}", action, sender, e.what());
         then(false);
     }
+}
+
+void Callers::forget(const std::string& sender)
+{
+    known_.erase(sender);
+    const auto [first, last] = checking_.equal_range(sender);
+    for (auto it = first; it != last; ++it) {
+        try {
+            polkit_->callMethodAsync("CancelCheckAuthorization")
+                .onInterface("org.freedesktop.PolicyKit1.Authority")
+                .withArguments(it->second)
+                .uponReplyInvoke([](const sdbus::Error*) {});
+        } catch (const std::exception& e) {
+            log::warn("cannot cancel polkit's check for {}: {}", sender, e.what());
+        }
+    }
+    // Their answers (cancelled: not authorized) still arrive and fail the calls.
 }
 
 // Asked after subscribing to NameOwnerChanged (the daemon does that first): a

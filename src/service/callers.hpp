@@ -30,25 +30,31 @@ struct Caller {
 class Callers {
 public:
     using Then = std::function<void(std::exception_ptr, Caller)>;
+    // Shown to polkit rules and agents (CheckAuthorization's details).
+    using Details = std::map<std::string, std::string>;
 
     Callers(sdbus::IConnection& connection, sdbus::IProxy& bus);
 
     // `then` gets nullptr when `sender` may do `action` (to a device owned by
     // ownerUid); else Error(AccessDenied) whose message starts with `what`.
-    void authorize(const std::string& sender, core::Action action, const std::string& what, Then then,
+    void authorize(const std::string& sender, core::Action action, const std::string& what, Details details, Then then,
                    std::optional<uint32_t> ownerUid = std::nullopt);
-    // The connection left the bus: its credentials are forgotten.
-    void forget(const std::string& sender) { known_.erase(sender); }
+    // The connection left the bus: its credentials are forgotten, and polkit's
+    // checks for it cancelled (an agent may be asking someone for a password).
+    void forget(const std::string& sender);
     // Whether a unique name is still on the bus (a client of an adopted device).
     void checkAlive(const std::string& name, std::function<void(bool)> then);
 
 private:
     void lookup(const std::string& sender, const std::string& what, Then then);
-    void askPolkit(const std::string& sender, const std::string& action, std::function<void(bool)> then);
+    void askPolkit(const std::string& sender, const std::string& action, const Details& details,
+                   std::function<void(bool)> then);
 
     sdbus::IProxy& bus_;
     std::unique_ptr<sdbus::IProxy> polkit_;
-    std::map<std::string, Caller> known_; // by unique bus name, while connected
+    std::map<std::string, Caller> known_;              // by unique bus name, while connected
+    std::multimap<std::string, std::string> checking_; // sender -> cancellation ids of its checks
+    uint64_t nextCheck_ = 1;
 };
 
 } // namespace loopd::service

@@ -24,6 +24,8 @@ namespace {
 
 using namespace std::chrono_literals;
 
+// Bus messages handled before the loop looks at its other fds again.
+constexpr unsigned busMessagesPerTurn = 64;
 // How often udevd is checked for life (ReadinessSource follows it).
 constexpr auto housekeepingInterval = 1s;
 // How often owned devices are checked for a foreign `losetup -d` that the node
@@ -62,6 +64,7 @@ Daemon::Daemon(DaemonConfig config)
       services_(*connection_, table_, registry_, workers_, records_, *this), callers_(*connection_, *busProxy_),
       attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_)
 {
+    services_.limits = config_.limits;
     services_.settle = [this](const auto& outcomes) { settle(outcomes); };
     services_.resync = [this](unsigned number) { repair_.resync(number); };
     table_.onAdded = [this](const Device& device) { repair_.watch(device); };
@@ -121,8 +124,14 @@ void Daemon::run()
 
 EventLoop::Wait Daemon::prepare()
 {
-    while (connection_->processPendingRequest()) {
-    }
+    // Bounded: under a flood of calls the event sockets, the workers' results and
+    // the timers still get their turn every so many messages.
+    bool busBehind = true;
+    for (unsigned i = 0; i < busMessagesPerTurn; ++i)
+        if (!connection_->processPendingRequest()) {
+            busBehind = false;
+            break;
+        }
     const auto now = core::Clock::now();
     // Before a request times out or is nudged, read what the sockets already hold:
     // a loaded loop lags behind them (seen under qemu TCG: partition events queued
@@ -151,6 +160,8 @@ EventLoop::Wait Daemon::prepare()
         if (!wait.deadline || busDeadline < *wait.deadline)
             wait.deadline = busDeadline;
     }
+    if (busBehind) // more calls are queued: look at the other fds, then come back at once
+        wait.deadline = now;
     return wait;
 }
 

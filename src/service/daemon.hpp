@@ -29,6 +29,7 @@ struct DaemonConfig {
     uevent::DropRules kernelDrops; // and the kernel's
     unsigned workers = 4;
     std::string runtimeDir = "/run/loopd";
+    Limits limits;
 };
 
 // Wires the flows to the loop: owns the sockets, the bus connection, the table and

@@ -27,8 +27,11 @@ void DetachFlow::request(VoidResult&& result, const std::string& sender, uint64_
     // Authorization first: until it is given, the device stays as it is (its
     // owner's own Detach is not refused as Busy meanwhile).
     const auto what = "detaching " + device->describe();
+    Callers::Details details{{"loopd.device", device->describe()},
+                             {"loopd.file", device->info.backingFile},
+                             {"loopd.owner-uid", std::to_string(device->ownerUid)}};
     callers_.authorize(
-        sender, core::Action::Detach, what,
+        sender, core::Action::Detach, what, std::move(details),
         [this, id](std::exception_ptr error, Caller) {
             if (error)
                 return reply(id, error);

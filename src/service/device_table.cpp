@@ -220,6 +220,12 @@ Device* DeviceTable::resolve(std::string_view name)
     return it == refs_.end() || it->second == 0 ? nullptr : find(it->second);
 }
 
+std::size_t DeviceTable::countOwnedBy(uint32_t uid) const
+{
+    return static_cast<std::size_t>(std::count_if(devices_.begin(), devices_.end(),
+                                                  [uid](const auto& entry) { return entry.second.ownerUid == uid; }));
+}
+
 std::vector<unsigned> DeviceTable::ownedNumbers() const
 {
     std::vector<unsigned> numbers;

@@ -101,6 +101,8 @@ public:
     [[nodiscard]] Device* resolve(std::string_view name);
 
     [[nodiscard]] uint32_t listedCount() const { return listed_; }
+    // Devices owned by a uid, in whatever state (for its quota).
+    [[nodiscard]] std::size_t countOwnedBy(uint32_t uid) const;
     [[nodiscard]] std::size_t size() const { return devices_.size(); }
     [[nodiscard]] std::vector<unsigned> ownedNumbers() const;
     [[nodiscard]] std::vector<uint64_t> diskseqs() const;

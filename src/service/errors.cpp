@@ -20,6 +20,8 @@ Errc fromErrno(int err)
         return Errc::Busy;
     case EINVAL:
         return Errc::InvalidArgument;
+    case ETIMEDOUT: // a step with the attach's deadline (the partition probe)
+        return Errc::Timeout;
     default:
         return Errc::Failed;
     }

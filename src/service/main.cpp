@@ -8,10 +8,13 @@
 #include <sdbus-c++/Error.h>
 
 #include <malloc.h>
+#include <sys/resource.h>
 
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 int main(int argc, char** argv)
 {
@@ -30,6 +33,17 @@ int main(int argc, char** argv)
         ->capture_default_str()
         ->check(CLI::Range(1, 64));
     app.add_option("--runtime-dir", config.runtimeDir, "ownership records and by-ref links")->capture_default_str();
+    app.add_option("--max-devices-per-user", config.limits.devicesPerUser,
+                   "loop devices a non-root caller may hold (and be attaching) at once; beyond, LimitExceeded")
+        ->capture_default_str()
+        ->check(CLI::Range(0U, 1U << 20));
+    app.add_option("--max-partitions", config.limits.partitions,
+                   "partitions an image may have; an image with more is refused with LimitExceeded")
+        ->capture_default_str()
+        ->check(CLI::Range(0U, 256U));
+    // Every option above may also be set there, as `name = value` lines
+    // (`max-devices-per-user = 32`); the command line wins. A missing file is fine.
+    app.set_config("--config", LOOPD_CONFIG_FILE, "configuration file")->capture_default_str();
     std::vector<std::string> dropRules;
     app.add_option("--test-drop", dropRules,
                    "TESTS ONLY: drop udev events on purpose: 'disk' or 'partN' (every add/change the kernel sent on "
@@ -59,6 +73,15 @@ int main(int argc, char** argv)
     }
 
     loopd::service::setupLogging(*loopd::log::parseLevel(logLevel));
+
+    // One fd per held device (its LOCK_SH fd): the soft limit of 1024 would cap
+    // loopd near 1000 devices with EMFILE for everyone. The hard limit is the
+    // admin's (LimitNOFILE= in loopd.service); nothing here uses select().
+    if (rlimit files{}; ::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+        files.rlim_cur = files.rlim_max;
+        if (::setrlimit(RLIMIT_NOFILE, &files) != 0)
+            loopd::log::warn("cannot raise the open files limit to {}: {}", files.rlim_max, std::strerror(errno));
+    }
 
     // One malloc arena for all threads: the workers allocate little and briefly,
     // and an arena each would keep its freed memory resident (measured: 0.3 MiB

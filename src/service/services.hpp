@@ -27,6 +27,12 @@ inline constexpr std::chrono::seconds releaseTimeout{10};
 // here, so a second means something was lost.
 inline constexpr std::chrono::seconds nudgeAfter{1};
 
+// What one caller may take (API.md, "Security"; settings of loopd.conf).
+struct Limits {
+    unsigned devicesPerUser = 16; // non-root callers: devices held or being attached
+    unsigned partitions = 128;    // partitions of one image, for every caller
+};
+
 struct Services {
     Services(sdbus::IConnection& connection, DeviceTable& table, core::Registry& registry, WorkerPool& workers,
              const RecordStore& records, Handlers& handlers)
@@ -47,6 +53,7 @@ struct Services {
     // Reads what sysfs and udev's database say of a loop number now (EventRepair).
     std::function<void(unsigned number)> resync;
     bool stopping = false;
+    Limits limits;
 
     core::RequestId nextId() { return nextId_++; }
     [[nodiscard]] core::RequestId issued() const { return nextId_; }

@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import threading
+import time
 
 import dbus
 
@@ -27,6 +28,7 @@ from harness import (BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, CallError, busctl_ge
                      verify_detached, verify_ready, verify_reply)
 
 USER = "loopd-test"
+SLOW_POLKIT = 3  # seconds polkit's rule takes for the squat test
 USER2 = "loopd-test2"
 USER3 = "loopd-test3"
 USER3_GROUP = "loopd-test3p"     # loopd-test3's primary group, gid != its uid
@@ -34,6 +36,12 @@ UID_GROUP = "loopd-test3u"       # made with gid == loopd-test3's uid if no grou
 
 RULES = f"""// loopd integration tests (tests/integration/test_security.py), removed after the run.
 polkit.addRule(function(action, subject) {{
+    // A check that takes its time (an agent waiting for a password), then says no.
+    if (action.id == "org.loopd1.attach" && subject.user == "{USER}" &&
+        action.lookup("loopd.ref") == "squat") {{
+        polkit.spawn(["sleep", "{SLOW_POLKIT}"]);
+        return polkit.Result.NO;
+    }}
     if (action.id == "org.loopd1.attach" &&
         (subject.user == "{USER}" || subject.user == "{USER3}"))
         return polkit.Result.YES;
@@ -677,6 +685,59 @@ def test_attachfd_refuses_what_cannot_back_a_device(env):
             os.close(fd)
         nothing_attached(env, f"AttachFd of a {what} fd")
         assert err.message, what
+
+
+def test_quotas(env):
+    """A non-root caller holds at most max-devices-per-user devices, an image has at
+    most max-partitions partitions (for root too): beyond, LimitExceeded, naming the
+    image, and nothing attached. Before, neither limit existed (unknown options)."""
+    env.restart_loopd(kill=False, loopd_args=["--max-devices-per-user", "2", "--max-partitions", "2"])
+    user = Client(env, USER)
+    images = [env.image("mbr2") for _ in range(3)]
+    for image in images:
+        give(image.path, USER, 0o600)
+    with detaching() as held:
+        for image in images[:2]:
+            check_owned(held.add(user.attach_fd(image.path, "rw")), image, USER)
+        try:
+            extra = user.attach_fd(images[2].path, "rw")
+        except CallError as e:
+            assert e.name == "org.loopd1.Error.LimitExceeded", f"a third device: {e}"
+            assert images[2].path in e.message, e.message
+        else:
+            held.add(extra)
+            raise AssertionError(f"loopd-test got a third device beyond max-devices-per-user 2: {extra}")
+        # Root has no device quota, but the partition limit holds for everyone.
+        check_owned(held.add(root_attach(images[2])), images[2], "root")
+        big = env.image("gpt3")
+        err = expect_error("LimitExceeded", root_attach, big)
+        assert big.path in err.message and "max-partitions" in err.message, err.message
+        assert not loop_devices_backed_by(big.path), f"{big.path} attached after LimitExceeded"
+
+
+def test_nothing_is_reserved_before_polkit_answers(env):
+    """Authorization first, state second: while polkit still considers loopd-test's
+    Attach with ref "squat" (the rule takes SLOW_POLKIT s, then says no), root can
+    attach with that ref. Failed before: the ref was reserved at the call, and
+    root's attach was InvalidArgument ("already used")."""
+    user = Client(env, USER)
+    image, other = env.image("none"), env.image("none")
+    give(image.path, USER, 0o600)
+    result = {}
+    squatter = threading.Thread(target=lambda: result.update(r=user.raw(
+        "attachfd", image.path, "rw", json.dumps({"ref": "squat"}))), daemon=True)
+    started = time.monotonic()
+    squatter.start()
+    time.sleep(1)  # not a readiness wait: lets the squatter's call reach polkit first
+    try:
+        with detaching() as held:
+            reply = held.add(pydbus_attach(other.path, pydbus_options(ref=dbus.String("squat"))))
+            assert time.monotonic() - started < SLOW_POLKIT, "root's attach was not done while polkit thought"
+            assert device_prop(reply, "Ref") == "squat"
+    finally:
+        squatter.join(60)
+    assert result.get("r", {}).get("error") == ACCESS_DENIED, f"the squatter got {result}"
+    nothing_attached(env, "the squatter's refused attach")
 
 
 if __name__ == "__main__":

@@ -71,16 +71,19 @@ class StuckFs:
         self.image = os.path.join(self.mnt, "image")
 
     def release_and_unmount(self):
-        """Lets every read return, waits until loopd has undone the late attaches,
-        then unmounts."""
+        """Lets every read return, then unmounts once nothing holds the image: the
+        late attaches come back and are undone, their files closed (until then the
+        unmount is busy). Fails if that does not happen within CALL_TIMEOUT."""
         open(self.flag, "w").close()
         deadline = time.monotonic() + CALL_TIMEOUT
-        while loop_devices_backed_under(self.mnt) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the late attaches come back and are undone
-        left = loop_devices_backed_under(self.mnt)
-        subprocess.run(["fusermount", "-u", self.mnt], check=False)
+        while subprocess.run(["fusermount", "-u", self.mnt], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                left = loop_devices_backed_under(self.mnt)
+                subprocess.run(["fusermount", "-u", "-z", self.mnt], check=False)
+                raise AssertionError(f"the stuck image is still in use {CALL_TIMEOUT} s after its reads "
+                                     f"returned; attached: {left}")
+            time.sleep(0.1)  # loopd letting go of what it set up
         self.proc.wait(timeout=10)
-        assert not left, f"still attached {CALL_TIMEOUT} s after the reads returned: {left}"
 
 
 def test_backing_files_that_never_answer_stall_nobody(env):
@@ -121,6 +124,47 @@ def test_backing_files_that_never_answer_stall_nobody(env):
                 f"a stuck attach was answered after {seconds:.1f} s, its deadline {STUCK_DEADLINE} s"
     finally:
         fs.release_and_unmount()
+
+
+FLOODERS = 16
+# Each unprivileged flooder: a tight loop of calls that need no authorization.
+FLOOD = r"""
+import dbus, os, sys
+bus = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
+manager = bus.get_object("org.loopd1", "/org/loopd1")
+while True:
+    try:
+        manager.WaitReady("no-such-device", dbus.UInt64(0), dbus_interface="org.loopd1.Manager")
+    except dbus.exceptions.DBusException:
+        pass
+"""
+
+
+def test_a_flood_of_calls_starves_nothing(env):
+    """16 unprivileged clients call loopd as fast as they can while root attaches:
+    uevents, workers and replies must not starve behind the bus traffic. The
+    attach is ready at its reply and comes within NOT_WAITED."""
+    os.chmod(env.tmp, 0o711)  # the private bus's socket lies in it, for nobody too
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+    flooders = [subprocess.Popen([*nobody, "/usr/bin/python3", "-c", FLOOD], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE) for _ in range(FLOODERS)]
+    try:
+        time.sleep(1)  # not a readiness wait: lets the flood build up
+        assert all(p.poll() is None for p in flooders), \
+            f"a flooder died: {[p.stderr.read() for p in flooders if p.poll() is not None][:1]}"
+        for _ in range(3):
+            image = env.image("gpt3")
+            with detaching() as held:
+                before = time.monotonic()
+                reply = held.add(pydbus_attach(image.path))
+                took = time.monotonic() - before
+                verify_reply(reply, image)
+                print(f"# attach under a flood of {FLOODERS} clients: {took * 1000:.0f} ms")
+                assert took < NOT_WAITED, f"an attach under the flood took {took:.1f} s"
+    finally:
+        for p in flooders:
+            p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":
