@@ -44,12 +44,36 @@ inline bool enabled(Level level) noexcept
     return level >= config.threshold;
 }
 
-inline void write(Level level, std::string_view message) noexcept
+// Control characters as C escapes (\n, \t, \xNN): a caller's path, ref or name
+// with a newline never becomes a log line of its own (nor, with "<0>", one of
+// journald's emergency lines).
+inline std::string escaped(std::string_view text)
+{
+    std::string out;
+    out.reserve(text.size());
+    for (const char c : text) {
+        const auto byte = static_cast<unsigned char>(c);
+        if (byte >= 0x20 && byte != 0x7f && c != '\\')
+            out += c;
+        else if (c == '\n')
+            out += "\\n";
+        else if (c == '\t')
+            out += "\\t";
+        else if (c == '\\')
+            out += "\\\\";
+        else
+            out += fmt::format("\\x{:02x}", byte);
+    }
+    return out;
+}
+
+inline void write(Level level, std::string_view raw) noexcept
 {
     static constexpr int priorities[] = {7, 7, 6, 4, 3, 2}; // syslog: debug, info, warning, err, crit
     static constexpr std::string_view names[] = {"trace", "debug", "info", "warning", "error", "critical"};
     const auto index = static_cast<int>(level);
     try {
+        const auto message = escaped(raw);
         std::string line;
         if (config.journal) {
             line = fmt::format("<{}>{}\n", priorities[index], message);

@@ -12,7 +12,8 @@ Verdict decide(Action action, const Caller& caller, std::optional<uint32_t> owne
         return {false, "org.loopd1.attach"};
     case Action::Detach:
         // A caller may always detach what it attached.
-        if (ownerUid && *ownerUid == caller.uid && caller.uid != unknown)
+        // uid 0 without root's powers is not root's: its devices need detach-others.
+        if (ownerUid && *ownerUid == caller.uid && caller.uid != unknown && caller.uid != 0)
             return {true, {}};
         return {false, "org.loopd1.detach-others"};
     }

@@ -13,8 +13,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <iterator>
 #include <optional>
 #include <system_error>
 
@@ -49,17 +51,28 @@ public:
             throw std::system_error(errno, std::generic_category(), "capset");
         return saved;
     }
+    FileCapabilities(FileCapabilities&& other) noexcept : header_(other.header_), armed_(other.armed_)
+    {
+        std::copy(std::begin(other.data_), std::end(other.data_), std::begin(data_));
+        other.armed_ = false;
+    }
+    FileCapabilities& operator=(FileCapabilities&&) = delete;
+    // Put back when it goes, also when the identity switch after the drop threw.
+    ~FileCapabilities() { restore(); }
+
+private:
+    FileCapabilities() = default;
     // A worker left without them would fail its next root caller's open; it cannot
     // happen (raising back within the permitted set always works): stop if it does.
     void restore() noexcept
     {
-        if (::syscall(SYS_capset, &header_, data_) < 0)
+        if (armed_ && ::syscall(SYS_capset, &header_, data_) < 0)
             std::abort();
     }
 
-private:
     __user_cap_header_struct header_{_LINUX_CAPABILITY_VERSION_3, 0};
     __user_cap_data_struct data_[2]{};
+    bool armed_ = true;
 };
 
 // The glibc wrappers of setgroups() apply to every thread of the process; the raw
@@ -75,7 +88,7 @@ public:
         // thread's effective set by itself; for uid 0 without root's powers they
         // are dropped here, so the open is checked as that process's would be.
         if (caller.uid == 0)
-            dropped_ = FileCapabilities::drop();
+            dropped_.emplace(FileCapabilities::drop());
         if (::syscall(sysSetgroups, caller.groups.size(), caller.groups.data()) < 0)
             throw std::system_error(errno, std::generic_category(), "setgroups");
         if (!switchTo(sysSetfsgid, caller.gid)) {
@@ -91,8 +104,7 @@ public:
     {
         if (active_)
             restore();
-        if (dropped_)
-            dropped_->restore();
+        // dropped_ puts the capabilities back as it goes, after the ids.
     }
     ThreadIdentity(const ThreadIdentity&) = delete;
     ThreadIdentity& operator=(const ThreadIdentity&) = delete;
@@ -151,6 +163,10 @@ UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& calle
         case EACCES:
         case EPERM:
         case EROFS:
+            // Opened as loopd itself (privileged caller): its own sandbox refused,
+            // not the caller's rights: Failed, naming the path (errors table).
+            if (caller.privileged)
+                throw std::system_error(err, std::generic_category(), "open " + path);
             throw Error(Errc::AccessDenied, "cannot open " + path + (readOnly ? "" : " for writing") + ": " +
                                                 std::generic_category().message(err));
         case EISDIR:

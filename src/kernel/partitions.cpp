@@ -184,19 +184,32 @@ constexpr std::size_t maxAnswered = 4096;
 
 [[noreturn]] void probeChild(int deviceFd, int answerFd)
 {
-    // Only the device and the pipe stay open: a child that misparses its way into
-    // running code finds none of loopd's sockets.
+    // Only a read-only fd of the device and the pipe stay open, and /dev/null as
+    // 0-2: a child that misparses its way into running code finds none of loopd's
+    // sockets, no journal stream or tty, and cannot write to or reconfigure the
+    // device (loopd's own fd is writable).
+    // First of all, before anything that may wait: loopd's other fds go, so that
+    // a child that lingers never keeps loopd's bus connection (or anything else)
+    // open after loopd is gone.
     const int device = ::fcntl(deviceFd, F_DUPFD, 100);
     const int answer = ::fcntl(answerFd, F_DUPFD, 100);
     if (device < 0 || answer < 0 || ::dup2(device, 3) != 3 || ::dup2(answer, 4) != 4 ||
         ::syscall(SYS_close_range, 5U, ~0U, 0U) != 0)
+        ::_exit(2);
+    const int readOnly = ::open("/proc/self/fd/3", O_RDONLY | O_CLOEXEC);
+    const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (readOnly < 0 || null < 0 || ::dup2(readOnly, 3) != 3 || ::dup2(null, 0) != 0 || ::dup2(null, 1) != 1 ||
+        ::dup2(null, 2) != 2 || ::close(readOnly) != 0 || ::close(null) != 0)
         ::_exit(2);
     std::vector<uint64_t> words{answerOk};
     try {
         auto probe = openProbe(3); // reads sysfs: before the filter
         if (!confine())
             ::_exit(3);
-        for (const auto& spec : readTable(probe.get()))
+        const auto table = readTable(probe.get());
+        if (table.size() > maxAnswered) // more than the parent reads: an answer of its own
+            throw std::system_error(E2BIG, std::generic_category(), "too many partitions");
+        for (const auto& spec : table)
             words.insert(words.end(), {spec.number, spec.startBytes, spec.sizeBytes});
     } catch (const std::system_error& e) {
         words = {static_cast<uint64_t>(e.code().value())};
@@ -220,8 +233,10 @@ std::vector<PartitionSpec> checkedAnswer(const std::vector<uint64_t>& words)
 {
     if (words.empty())
         throw std::runtime_error("the partition probe gave no answer");
+    // The child's errno is its word only: reported, never mapped to an error kind.
     if (words[0] != answerOk)
-        fail(static_cast<int>(std::min<uint64_t>(words[0], 4095)), "probing the partition table");
+        throw std::runtime_error("probing the partition table failed: " +
+                                 std::generic_category().message(static_cast<int>(std::min<uint64_t>(words[0], 4095))));
     if ((words.size() - 1) % 3 != 0 || (words.size() - 1) / 3 > maxAnswered)
         throw std::runtime_error("the partition probe gave a malformed answer");
     std::vector<PartitionSpec> specs;
@@ -255,6 +270,7 @@ std::vector<PartitionSpec> probePartitionsConfined(int fd, std::chrono::steady_c
     std::vector<uint64_t> words;
     std::string buffer;
     bool timedOut = false;
+    bool clean = false;
     for (;;) {
         const auto left =
             std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
@@ -268,11 +284,17 @@ std::vector<PartitionSpec> probePartitionsConfined(int fd, std::chrono::steady_c
             continue;
         char chunk[4096];
         const auto n = r < 0 ? -1 : ::read(reader.get(), chunk, sizeof(chunk));
-        if (n <= 0 || buffer.size() > (maxAnswered * 3 + 1) * sizeof(uint64_t))
+        if (n == 0) { // EOF: the child said all it had to say
+            clean = true;
+            break;
+        }
+        if (n < 0 || buffer.size() > (maxAnswered * 3 + 1) * sizeof(uint64_t))
             break;
         buffer.append(chunk, static_cast<std::size_t>(n));
     }
-    if (timedOut)
+    // Anything but a clean end: the child is not waited for on its own terms (one
+    // that writes on and on would block on the full pipe forever).
+    if (!clean)
         ::kill(child, SIGKILL);
     // A child stuck in a read of the device cannot die before the read returns:
     // this waits with it. It runs on the attach's own thread, which its caller
@@ -282,7 +304,7 @@ std::vector<PartitionSpec> probePartitionsConfined(int fd, std::chrono::steady_c
     }
     if (timedOut)
         throw std::system_error(ETIMEDOUT, std::generic_category(), "probing the partition table");
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    if (!clean || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
         throw std::runtime_error("the partition probe died (" +
                                  (WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status))
                                                       : "status " + std::to_string(WEXITSTATUS(status))) +

@@ -46,7 +46,10 @@ void AttachFlow::start(AttachResult&& result, const std::string& sender, std::st
         if (s_.stopping)
             throw Error(Errc::Failed, "loopd is stopping");
         options = core::parseAttachOptions(optionMap);
-        s_.table.checkRef(options.ref); // refused early; reserved only once authorized
+        // Refused early; reserved only once authorized.
+        if (!options.ref.empty() && s_.table.refInUse(options.ref))
+            throw Error(Errc::InvalidArgument, "ref '" + options.ref + "' is already used by another loopd device");
+        s_.table.checkRef(options.ref);
         events = eventSourceFor(options.readiness);
     } catch (const Error& e) {
         throw Error(e.code(), "cannot attach " + what + ": " + e.what());
@@ -101,6 +104,7 @@ void AttachFlow::authorized(core::RequestId id, const Caller& caller)
             throw Error(Errc::Failed, "cannot attach " + job.what + ": the bus did not report the groups of uid " +
                                           std::to_string(caller.uid));
         s_.table.reserveRef(job.options.ref);
+        job.reserved = true;
     } catch (...) {
         return failed(id, std::current_exception());
     }
@@ -181,7 +185,8 @@ void AttachFlow::dropLate(core::RequestId id, const std::shared_ptr<Attached>& a
     auto& job = node.mapped();
     log::warn("attach of {} came back after its deadline dev=loop{} diskseq={}: undoing it", job.what,
               attached->info.number, attached->info.diskseq);
-    s_.table.releaseRef(job.options.ref);
+    if (job.reserved)
+        s_.table.releaseRef(job.options.ref);
     s_.workers.spawn([attached, record = job.record, records = s_.records] {
         undo(std::move(attached->lockFd), attached->info);
         records.remove(record);
@@ -291,7 +296,8 @@ void AttachFlow::failed(core::RequestId id, std::exception_ptr error)
 {
     auto node = attaches_.extract(id);
     auto& job = node.mapped();
-    s_.table.releaseRef(job.options.ref);
+    if (job.reserved) // another attach's reservation of the same name is not ours to drop
+        s_.table.releaseRef(job.options.ref);
     if (job.answered)
         return;
     auto reply = toDbusError(error, "cannot attach " + job.what);

@@ -70,6 +70,7 @@ private:
         bool abandoning = false; // being undone: at most once
         bool working = false;    // its kernel work is out on a thread
         bool answered = false;   // timed out while working: the caller has its reply
+        bool reserved = false;   // its ref is reserved in the table
         core::Record record{};
     };
     struct Waiter {

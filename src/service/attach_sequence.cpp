@@ -318,10 +318,27 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
     return attached;
 }
 
+// Partitions removed by a detach that then found one held open (a plain open,
+// which checkUnclaimed cannot see) are put back, so that Busy changes nothing.
+void removePartitionsOrRestore(int loopFd, const DeviceInfo& info)
+{
+    try {
+        removePartitions(loopFd, info);
+    } catch (const std::system_error& e) {
+        if (e.code().value() != EBUSY)
+            throw;
+        for (const auto& spec : kernel::probePartitionsConfined(loopFd, core::Clock::now() + reprobeLimit))
+            if (std::find(info.partitions.begin(), info.partitions.end(), spec.number) != info.partitions.end())
+                kernel::addPartition(loopFd, spec); // false: still there
+        throw Error(Errc::Busy, kernel::loopDevNode(info.number) + " (diskseq " + std::to_string(info.diskseq) +
+                                    "): a partition is open elsewhere; nothing was changed");
+    }
+}
+
 DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info)
 {
     checkUnclaimed(info);
-    removePartitions(lockFd.get(), info);
+    removePartitionsOrRestore(lockFd.get(), info);
     // Cleared through the one fd loopd holds, then closed: with no other opener the
     // kernel (6.11+) releases the device at this close; with others it only sets
     // autoclear and the release waits for their last close.
@@ -329,11 +346,19 @@ DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info)
     lockFd.reset();
     if (releasedSoon(info))
         return DetachOutcome::Released;
-    auto back = takeBack(info);
-    if (!back)
-        return DetachOutcome::Released;
-    lockFd = std::move(*back);
-    return DetachOutcome::TakenBack;
+    try {
+        auto back = takeBack(info);
+        if (!back)
+            return DetachOutcome::Released;
+        lockFd = std::move(*back);
+        return DetachOutcome::TakenBack;
+    } catch (const std::exception& e) {
+        // Cleared and let go of, but not taken back: the kernel releases it at the
+        // other opener's last close (autoclear), loopd owns it no longer.
+        log::warn("dev={} (diskseq {}) could not be taken back after a refused detach: {}",
+                  kernel::loopDevNode(info.number), info.diskseq, e.what());
+        return DetachOutcome::Deferred;
+    }
 }
 
 void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept

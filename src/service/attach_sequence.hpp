@@ -42,6 +42,8 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
 enum class DetachOutcome {
     Released,  // the kernel released the attachment
     TakenBack, // still open elsewhere after the clear: taken back as it was
+    Deferred,  // still open elsewhere, and could not be taken back: the kernel
+               // releases it at that opener's last close (autoclear)
 };
 
 // Removes partitions, clears the device and closes lockFd; Released once the

@@ -215,8 +215,11 @@ void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newO
     callers_.forget(name);
     attach_.callerLeft(name);
     for (const auto diskseq : table_.diskseqs()) {
-        const auto& device = *table_.find(diskseq);
-        if (device.owner != name || device.options.lifetime != Lifetime::Client || device.state != DeviceState::Ready)
+        auto& device = *table_.find(diskseq);
+        if (device.owner != name || device.options.lifetime != Lifetime::Client)
+            continue;
+        device.ownerGone = true; // a detach in progress that is refused detaches it after all
+        if (device.state != DeviceState::Ready)
             continue;
         log::info("client left the bus, detaching its device sender={} diskseq={}", name, diskseq);
         detach_.own(diskseq, RemovalReason::ClientVanished);

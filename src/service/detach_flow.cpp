@@ -64,7 +64,9 @@ void DetachFlow::start(core::RequestId id)
     device->state = DeviceState::Detaching;
     pending_.at(id).startedUsec = realtimeUsec();
     writeRecord(s_.records, device->record(core::Record::State::Detaching));
-    s_.workers.submit([this, id, fd = device->lockFd, info = device->info] {
+    // A thread of its own: removing partitions waits seconds for transient
+    // openers, and taking a device back reads the caller's image.
+    s_.workers.spawn([this, id, fd = device->lockFd, info = device->info] {
         try {
             const auto outcome = service::detach(*fd, info);
             return WorkerPool::Continuation([this, id, outcome] { kernelDone(id, nullptr, outcome); });
@@ -81,10 +83,18 @@ void DetachFlow::kernelDone(core::RequestId id, std::exception_ptr error, Detach
     if (error) { // nothing was changed: loopd still owns the device, as it was
         device.state = DeviceState::Ready;
         writeRecord(s_.records, device.record(core::Record::State::Owned));
-        return reply(id, error);
+        reply(id, error);
+        return detachIfOrphaned(device);
     }
     if (outcome == DetachOutcome::TakenBack)
         return takenBack(id);
+    if (outcome == DetachOutcome::Deferred) {
+        const auto diskseq = pending_.at(id).diskseq;
+        reply(id, std::make_exception_ptr(Error(
+                      Errc::Busy, device.describe() + " is open elsewhere and could not be taken back; the kernel "
+                                                      "releases it at its last close")));
+        return s_.table.remove(diskseq, RemovalReason::Autoclear);
+    }
     const auto now = core::Clock::now();
     s_.settle(s_.registry.expect(id, core::Goal::Released, device.watch(), now + releaseTimeout, now + nudgeAfter));
 }
@@ -111,6 +121,15 @@ void DetachFlow::readyAgain(core::RequestId id)
     writeRecord(s_.records, device.record(core::Record::State::Owned));
     reply(id, std::make_exception_ptr(Error(Errc::Busy, device.describe() + " is open elsewhere; it stays attached "
                                                                             "as it was")));
+    detachIfOrphaned(device);
+}
+
+// Its client left the bus while the device was being detached (and the detach
+// was refused): lifetime=client still holds.
+void DetachFlow::detachIfOrphaned(const Device& device)
+{
+    if (device.ownerGone && device.options.lifetime == Lifetime::Client && device.state == DeviceState::Ready)
+        own(device.info.diskseq, RemovalReason::ClientVanished);
 }
 
 bool DetachFlow::settle(const core::Outcome& outcome)

@@ -39,6 +39,7 @@ private:
     void kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome);
     void takenBack(core::RequestId id);
     void readyAgain(core::RequestId id);
+    void detachIfOrphaned(const Device& device);
     void confirmed(core::RequestId id, bool timedOut);
     void reply(core::RequestId id, std::exception_ptr error);
 

@@ -41,6 +41,7 @@ struct Device {
     uint64_t readyTimestamp = 0; // CLOCK_REALTIME µs; 0 until ready
     uint64_t startedUsec = 0;    // CLOCK_REALTIME when the attach call came (0: adopted)
     core::RequestId request = 0; // the attach's readiness request while attaching
+    bool ownerGone = false;      // its client left the bus (lifetime=client: detach)
     std::unique_ptr<DeviceObject> object;
 
     Device();
@@ -103,6 +104,8 @@ public:
     [[nodiscard]] uint32_t listedCount() const { return listed_; }
     // Devices owned by a uid, in whatever state (for its quota).
     [[nodiscard]] std::size_t countOwnedBy(uint32_t uid) const;
+    // Whether a ref is reserved or names a device.
+    [[nodiscard]] bool refInUse(const std::string& ref) const { return refs_.count(ref) != 0; }
     [[nodiscard]] std::size_t size() const { return devices_.size(); }
     [[nodiscard]] std::vector<unsigned> ownedNumbers() const;
     [[nodiscard]] std::vector<uint64_t> diskseqs() const;

@@ -104,6 +104,8 @@ bool Recovery::adopt(const core::Record& record)
     try {
         if (!device.options.ref.empty() && !core::isValidRef(device.options.ref))
             throw Error(Errc::InvalidArgument, "not a valid ref any more");
+        if (!device.options.ref.empty() && s_.table.refInUse(device.options.ref))
+            throw Error(Errc::InvalidArgument, "ref '" + device.options.ref + "' names another adopted device");
         s_.table.checkRef(device.options.ref, device.info.partitions);
     } catch (const Error& e) {
         log::warn("adopting dev=loop{} diskseq={} without its ref: {}", record.info.number, diskseq, e.what());

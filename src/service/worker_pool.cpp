@@ -52,7 +52,14 @@ void WorkerPool::submit(Job job)
 
 void WorkerPool::spawn(Job job)
 {
-    std::thread([mailbox = mailbox_, job = std::move(job)] { mailbox->post(job()); }).detach();
+    auto shared = std::make_shared<Job>(std::move(job));
+    try {
+        std::thread([mailbox = mailbox_, shared] { mailbox->post((*shared)()); }).detach();
+    } catch (const std::system_error& e) {
+        // No thread to be had (TasksMax): the pool's workers take it, late rather than never.
+        log::warn("cannot start a thread ({}); the job waits for a worker", e.what());
+        submit([shared] { return (*shared)(); });
+    }
 }
 
 void WorkerPool::runContinuations()

@@ -206,6 +206,21 @@ def test_busy_open_elsewhere_changes_nothing(env):
             detach_quietly(diskseq)
 
 
+def test_caller_strings_never_make_log_lines(env):
+    """A name with a newline and a journal priority prefix is escaped in loopd's log
+    (issue 14, item 3; API.md, Security). Failed before: "<0>FORGED" became a line
+    of its own, which journald would have logged at emergency priority."""
+    forged = "x\n<0>FORGED"
+    expect_error("NotFound", pydbus_call, "WaitReady", "st", [forged, dbus.UInt64(0)])
+    expect_error("NotFound", pydbus_attach, "/no/such\n<0>FORGED.img", pydbus_options())
+    # The log is written with one write(2) per line before the reply is sent.
+    with open(env.loopd_log) as f:
+        lines = f.read().splitlines()
+    raw = [line for line in lines if line.startswith("<0>FORGED") or line.startswith("FORGED")]
+    assert not raw, f"a caller's string became a log line of its own: {raw}"
+    assert any("x\\n<0>FORGED" in line for line in lines), "the refusal was not logged, escaped"
+
+
 # --------------------------------------------------------------------------- 2. refs and their links
 
 def test_ref_cannot_take_a_partition_link(env):

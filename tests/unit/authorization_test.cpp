@@ -12,8 +12,8 @@ TEST_CASE("root needs no polkit; uid 0 without root's powers does")
     CHECK_FALSE(decide(Action::Attach, Caller{0, false}).allowed);
     CHECK(decide(Action::Attach, Caller{0, false}).polkitAction == "org.loopd1.attach");
     CHECK_FALSE(decide(Action::Detach, Caller{0, false}, 1000).allowed);
-    CHECK(decide(Action::Detach, Caller{0, false}, 0).allowed);      // its own device
-    CHECK_FALSE(decide(Action::Attach, Caller{1000, true}).allowed); // caps without uid 0: not root
+    CHECK_FALSE(decide(Action::Detach, Caller{0, false}, 0).allowed); // root's devices are not its own
+    CHECK_FALSE(decide(Action::Attach, Caller{1000, true}).allowed);  // caps without uid 0: not root
 }
 
 TEST_CASE("others attach only with polkit's org.loopd1.attach")

@@ -1,0 +1,17 @@
+// Caller strings never become log lines of their own.
+#include <loopd/log.hpp>
+
+#include <catch2/catch.hpp>
+
+using loopd::log::escaped;
+
+TEST_CASE("control characters are escaped, the rest is left as it is")
+{
+    CHECK(escaped("x\n<0>FORGED") == "x\\n<0>FORGED");
+    CHECK(escaped("a\tb\rc") == "a\\tb\\x0dc");
+    CHECK(escaped(std::string("nul\0end", 7)) == "nul\\x00end");
+    CHECK(escaped("back\\slash") == "back\\\\slash");
+    CHECK(escaped("\x7f") == "\\x7f");
+    CHECK(escaped("/var/lib/images/caf\xc3\xa9.img") == "/var/lib/images/caf\xc3\xa9.img");
+    CHECK(escaped("plain ref=web-1 diskseq=12") == "plain ref=web-1 diskseq=12");
+}
