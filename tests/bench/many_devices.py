@@ -1,0 +1,94 @@
+#!/usr/bin/python3
+"""loopd holding many devices: RSS, open fds, attach latency and GetManagedObjects
+time as the count grows. A program that prints numbers, not a test.
+
+Run as root from the build tree, with the soft fd limit of a plain shell (1024) so
+that loopd has to raise its own, as under loopd.service (LimitNOFILE=524288):
+    prlimit --nofile=1024:HARD env LOOPD=$PWD/build/loopd LOOPCTL=$PWD/build/loopctl \\
+        LOOPD_SRC=$PWD PYTHONPATH=tests/integration tests/bench/many_devices.py [COUNT]
+Held images are distinct files without a partition table (the fd and memory cost
+is per device; partitions only add udev work).
+"""
+import os
+import statistics
+import sys
+import threading
+import time
+
+from harness import Env, detach_quietly, pydbus_attach, pydbus_call, pydbus_options, verify_reply
+
+THREADS = 8
+
+
+def fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def attach_latency(env, rounds=10):
+    samples = []
+    for _ in range(rounds):
+        image = env.image("gpt3")
+        started = time.monotonic()
+        reply = pydbus_attach(image.path, pydbus_options())
+        samples.append((time.monotonic() - started) * 1000)
+        verify_reply(reply, image)
+        detach_quietly(reply["diskseq"])
+    return statistics.median(samples)
+
+
+def managed_objects_ms():
+    started = time.monotonic()
+    pydbus_call("GetManagedObjects", "", [], iface="org.freedesktop.DBus.ObjectManager")
+    return (time.monotonic() - started) * 1000
+
+
+def main():
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    with Env() as env:
+        pid = env.loopd.pid
+        held, lock = [], threading.Lock()
+        marks = sorted({0, count // 2, count})
+        print("| held | loopd RSS (MiB) | loopd fds | attach median (ms, GPT 3 parts) | GetManagedObjects (ms) |")
+        print("|---:|---:|---:|---:|---:|")
+        try:
+            for mark in marks:
+                todo = mark - len(held)
+                images = [env.image("none") for _ in range(todo)]
+
+                def attach_some(i):
+                    for image in images[i::THREADS]:
+                        reply = pydbus_attach(image.path, pydbus_options())
+                        with lock:
+                            held.append(reply["diskseq"])
+                workers = [threading.Thread(target=attach_some, args=(i,)) for i in range(THREADS)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                assert len(held) == mark, f"{len(held)} held, expected {mark}"
+                print(f"| {mark} | {rss_mib(pid):.2f} | {fds(pid)} | {attach_latency(env):.1f} | "
+                      f"{managed_objects_ms():.1f} |", flush=True)
+        finally:
+            def detach_some(i):
+                for diskseq in held[i::THREADS]:
+                    detach_quietly(diskseq)
+            workers = [threading.Thread(target=detach_some, args=(i,)) for i in range(THREADS)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            print(f"after releasing all: RSS {rss_mib(pid):.2f} MiB, {fds(pid)} fds")
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("root needed")
+    main()
