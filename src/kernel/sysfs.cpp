@@ -1,6 +1,10 @@
 #include "sysfs.hpp"
 
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+
 #include <cerrno>
+#include <filesystem>
 #include <fstream>
 #include <system_error>
 
@@ -54,6 +58,28 @@ void triggerChange(unsigned number, unsigned partition, const std::string& uuid)
     out << "change " << uuid << std::flush;
     if (!out)
         throw std::system_error(errno, std::generic_category(), "write " + path);
+}
+
+std::optional<unsigned> loopNumberOf(int fd)
+{
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISBLK(st.st_mode))
+        return std::nullopt;
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink(
+        "/sys/dev/block/" + std::to_string(major(st.st_rdev)) + ":" + std::to_string(minor(st.st_rdev)), ec);
+    if (ec)
+        return std::nullopt;
+    // .../block/loop3 for a disk, .../block/loop3/loop3p1 for a partition.
+    for (auto part = target; !part.empty() && part != part.parent_path(); part = part.parent_path()) {
+        const auto name = part.filename().string();
+        if (name.rfind("loop", 0) != 0 || name.size() == 4 || name.size() > 13)
+            continue;
+        const auto digits = name.substr(4);
+        if (digits.find_first_not_of("0123456789") == std::string::npos)
+            return static_cast<unsigned>(std::stoul(digits));
+    }
+    return std::nullopt;
 }
 
 } // namespace loopd::kernel

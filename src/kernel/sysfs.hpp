@@ -15,6 +15,9 @@ std::optional<std::string> sysfsBackingFile(unsigned number);
 // loop/autoclear; nullopt when the device is unbound. `losetup -d` on a device
 // that loopd holds open only sets this (the release waits for loopd's close).
 std::optional<bool> sysfsAutoclear(unsigned number);
+// N when fd is a block device that is /dev/loopN or one of its partitions
+// (/sys/dev/block/MAJ:MIN names it); nullopt for anything else.
+std::optional<unsigned> loopNumberOf(int fd);
 
 // Asks the kernel to send the "change" uevent of loopN (partition 0) or loopNpK
 // again, tagged SYNTH_UUID=uuid, by writing "change <uuid>" to its uevent file.

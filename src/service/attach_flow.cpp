@@ -37,9 +37,10 @@ void replyReady(AttachResult& result, const Device& device)
 
 AttachFlow::AttachFlow(Services& services, Callers& callers) : s_(services), callers_(callers) {}
 
-void AttachFlow::start(AttachResult&& result, const std::string& sender, std::string what, Source source,
+void AttachFlow::start(AttachResult&& result, const CallOrigin& from, std::string what, Source source,
                        const core::OptionMap& optionMap)
 {
+    const auto& sender = from.sender;
     AttachOptions options;
     EventSource events;
     try {
@@ -72,7 +73,7 @@ void AttachFlow::start(AttachResult&& result, const std::string& sender, std::st
     if (!job.options.ref.empty())
         details.emplace("loopd.ref", job.options.ref);
     attaches_.emplace(id, std::move(job));
-    callers_.authorize(sender, core::Action::Attach, denied, std::move(details),
+    callers_.authorize(from, core::Action::Attach, denied, std::move(details),
                        [this, id](std::exception_ptr error, Caller caller) {
                            if (error)
                                return failed(id, error);

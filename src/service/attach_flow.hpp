@@ -27,7 +27,7 @@ public:
 
     // Throws Error for a call refused at once (nothing reserved); otherwise the
     // result is answered later, exactly once.
-    void start(AttachResult&& result, const std::string& sender, std::string what, Source source,
+    void start(AttachResult&& result, const CallOrigin& from, std::string what, Source source,
                const core::OptionMap& options);
     void waitReady(AttachResult&& result, const std::string& name, uint64_t timeoutUsec);
 

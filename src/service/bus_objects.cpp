@@ -5,6 +5,8 @@
 
 #include <loopd/log.hpp>
 
+#include <systemd/sd-bus.h>
+
 namespace loopd::service {
 namespace {
 
@@ -35,7 +37,25 @@ template <typename Result, typename F> void guarded(Result& result, const char* 
     }
 }
 
+// sdbus-c++ 1.2 shows no accessor for the message's flags; its raw sd-bus message
+// is a protected member, reached the standard way: through a pointer to member
+// named in a derived class.
+struct RawMessage : sdbus::Message {
+    static sd_bus_message* of(const sdbus::Message& message)
+    {
+        return static_cast<sd_bus_message*>(message.*(&RawMessage::msg_));
+    }
+};
+
 } // namespace
+
+CallOrigin originOf(const sdbus::Message& message)
+{
+    CallOrigin origin{message.getSender(), false};
+    if (auto* raw = RawMessage::of(message))
+        origin.interactive = sd_bus_message_get_allow_interactive_authorization(raw) > 0;
+    return origin;
+}
 
 std::string devicePath(uint64_t diskseq)
 {
@@ -79,26 +99,26 @@ void ManagerObject::readinessSourceChanged()
     emitPropertiesChangedSignal(org::loopd1::Manager_adaptor::INTERFACE_NAME, {"ReadinessSource"});
 }
 
-std::string ManagerObject::sender() const
+CallOrigin ManagerObject::origin() const
 {
-    return getObject().getCurrentlyProcessedMessage()->getSender();
+    return originOf(*getObject().getCurrentlyProcessedMessage());
 }
 
 void ManagerObject::Attach(AttachResult&& result, std::string path, DbusOptions options)
 {
     guarded(result, "Attach",
-            [&] { handlers_.attachPath(std::move(result), sender(), std::move(path), toOptionMap(options)); });
+            [&] { handlers_.attachPath(std::move(result), origin(), std::move(path), toOptionMap(options)); });
 }
 
 void ManagerObject::AttachFd(AttachResult&& result, sdbus::UnixFd fd, DbusOptions options)
 {
     guarded(result, "AttachFd",
-            [&] { handlers_.attachFd(std::move(result), sender(), std::move(fd), toOptionMap(options)); });
+            [&] { handlers_.attachFd(std::move(result), origin(), std::move(fd), toOptionMap(options)); });
 }
 
 void ManagerObject::Detach(VoidResult&& result, uint64_t diskseq, DbusOptions options)
 {
-    guarded(result, "Detach", [&] { handlers_.detach(std::move(result), sender(), diskseq, toOptionMap(options)); });
+    guarded(result, "Detach", [&] { handlers_.detach(std::move(result), origin(), diskseq, toOptionMap(options)); });
 }
 
 void ManagerObject::WaitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec)
@@ -141,8 +161,8 @@ DeviceObject::~DeviceObject()
 void DeviceObject::Detach(VoidResult&& result, DbusOptions options)
 {
     guarded(result, "Detach", [&] {
-        const auto sender = getObject().getCurrentlyProcessedMessage()->getSender();
-        handlers_.detach(std::move(result), sender, p_.info.diskseq, toOptionMap(options));
+        handlers_.detach(std::move(result), originOf(*getObject().getCurrentlyProcessedMessage()), p_.info.diskseq,
+                         toOptionMap(options));
     });
 }
 

@@ -3,6 +3,7 @@
 #include "attach_sequence.hpp"
 #include "core/options.hpp"
 
+#include "callers.hpp"
 #include "org.loopd1-adaptor.h"
 
 #include <sdbus-c++/sdbus-c++.h>
@@ -14,6 +15,9 @@
 // The D-Bus objects. Handlers run on the loop thread (sdbus-c++ dispatches from
 // processPendingRequest()); they only forward to the daemon.
 namespace loopd::service {
+
+// The origin of the message being handled (sender, interactive-authorization flag).
+CallOrigin originOf(const sdbus::Message& message);
 
 using AttachResult = sdbus::Result<sdbus::ObjectPath, std::string, uint64_t, std::vector<std::string>>;
 using VoidResult = sdbus::Result<>;
@@ -32,11 +36,10 @@ core::OptionMap toOptionMap(const DbusOptions& options);
 class Handlers {
 public:
     virtual ~Handlers() = default;
-    virtual void attachPath(AttachResult&& result, const std::string& sender, std::string path,
+    virtual void attachPath(AttachResult&& result, const CallOrigin& from, std::string path,
                             core::OptionMap options) = 0;
-    virtual void attachFd(AttachResult&& result, const std::string& sender, sdbus::UnixFd fd,
-                          core::OptionMap options) = 0;
-    virtual void detach(VoidResult&& result, const std::string& sender, uint64_t diskseq, core::OptionMap options) = 0;
+    virtual void attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options) = 0;
+    virtual void detach(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
     virtual void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) = 0;
     virtual std::string readinessSource() const = 0;
     virtual uint32_t deviceCount() const = 0;
@@ -59,7 +62,7 @@ private:
     std::string Version() override;
     std::string ReadinessSource() override;
     uint32_t Devices() override;
-    std::string sender() const;
+    CallOrigin origin() const;
 
     Handlers& handlers_;
 };

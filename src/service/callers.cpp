@@ -13,11 +13,11 @@ Callers::Callers(sdbus::IConnection& connection, sdbus::IProxy& bus)
 {
 }
 
-void Callers::authorize(const std::string& sender, core::Action action, const std::string& what, Details details,
+void Callers::authorize(const CallOrigin& from, core::Action action, const std::string& what, Details details,
                         Then then, std::optional<uint32_t> ownerUid)
 {
-    lookup(sender, what,
-           [this, sender, action, what, details, then, ownerUid](std::exception_ptr error, Caller caller) {
+    lookup(from.sender, what,
+           [this, from, action, what, details, then, ownerUid](std::exception_ptr error, Caller caller) {
                if (error)
                    return then(error, std::move(caller));
                if (const auto facts = kernel::inspectProcess(static_cast<pid_t>(caller.pid))) {
@@ -27,7 +27,7 @@ void Callers::authorize(const std::string& sender, core::Action action, const st
                const auto verdict = core::decide(action, core::Caller{caller.uid, caller.privileged}, ownerUid);
                if (verdict.allowed)
                    return then(nullptr, std::move(caller));
-               askPolkit(sender, verdict.polkitAction, details, [then, caller, what, verdict](bool allowed) {
+               askPolkit(from, verdict.polkitAction, details, [then, caller, what, verdict](bool allowed) {
                    if (allowed)
                        return then(nullptr, caller);
                    then(std::make_exception_ptr(Error(Errc::AccessDenied, what + " was not authorized (polkit action " +
@@ -91,12 +91,15 @@ Callers::Details printable(const Callers::Details& details)
 
 } // namespace
 
-void Callers::askPolkit(const std::string& sender, const std::string& action, const Details& details,
+void Callers::askPolkit(const CallOrigin& from, const std::string& action, const Details& details,
                         std::function<void(bool)> then)
 {
     using Subject = sdbus::Struct<std::string, std::map<std::string, sdbus::Variant>>;
     using Answer = sdbus::Struct<bool, bool, std::map<std::string, std::string>>;
-    constexpr uint32_t allowUserInteraction = 1;
+    const auto& sender = from.sender;
+    // Only when the caller's message allows it (busctl --allow-interactive-authorization,
+    // G_DBUS_CALL_FLAGS_ALLOW_INTERACTIVE_AUTHORIZATION); else polkit answers at once.
+    const uint32_t allowUserInteraction = from.interactive ? 1 : 0;
     const auto cancellation = "loopd-" + std::to_string(nextCheck_++);
     checking_.emplace(sender, cancellation);
     try {

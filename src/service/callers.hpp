@@ -17,6 +17,13 @@
 // question is asynchronous, so the loop never waits for the bus or for polkit.
 namespace loopd::service {
 
+// Who sent the call being handled: its unique bus name, and whether its message
+// allows interactive authorization (then polkit may have an agent ask someone).
+struct CallOrigin {
+    std::string sender;
+    bool interactive = false;
+};
+
 struct Caller {
     uint32_t uid = UINT32_MAX;
     std::vector<uint32_t> groups; // as the bus saw them, the primary gid among them
@@ -37,7 +44,7 @@ public:
 
     // `then` gets nullptr when `sender` may do `action` (to a device owned by
     // ownerUid); else Error(AccessDenied) whose message starts with `what`.
-    void authorize(const std::string& sender, core::Action action, const std::string& what, Details details, Then then,
+    void authorize(const CallOrigin& from, core::Action action, const std::string& what, Details details, Then then,
                    std::optional<uint32_t> ownerUid = std::nullopt);
     // The connection left the bus: its credentials are forgotten, and polkit's
     // checks for it cancelled (an agent may be asking someone for a password).
@@ -47,7 +54,7 @@ public:
 
 private:
     void lookup(const std::string& sender, const std::string& what, Then then);
-    void askPolkit(const std::string& sender, const std::string& action, const Details& details,
+    void askPolkit(const CallOrigin& from, const std::string& action, const Details& details,
                    std::function<void(bool)> then);
 
     sdbus::IProxy& bus_;

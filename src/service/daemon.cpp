@@ -1,6 +1,7 @@
 #include "daemon.hpp"
 
 #include "errors.hpp"
+#include "kernel/sysfs.hpp"
 
 #include <loopd/error.hpp>
 #include <loopd/log.hpp>
@@ -263,22 +264,28 @@ void Daemon::housekeeping(core::Clock::time_point now)
 
 // ---- the D-Bus calls ----------------------------------------------------------
 
-void Daemon::attachPath(AttachResult&& result, const std::string& sender, std::string path, core::OptionMap options)
+void Daemon::attachPath(AttachResult&& result, const CallOrigin& from, std::string path, core::OptionMap options)
 {
     auto what = path;
-    attach_.start(std::move(result), sender, std::move(what), std::move(path), options);
+    attach_.start(std::move(result), from, std::move(what), std::move(path), options);
 }
 
-void Daemon::attachFd(AttachResult&& result, const std::string& sender, sdbus::UnixFd fd, core::OptionMap options)
+void Daemon::attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options)
 {
     // The file's path names it in messages (a procfs read, quick).
-    const auto what = fdPath(fd.get()).value_or("the file descriptor passed by " + sender);
-    attach_.start(std::move(result), sender, what, std::move(fd), options);
+    const auto what = fdPath(fd.get()).value_or("the file descriptor passed by " + from.sender);
+    // One of loopd's own devices (or a partition of one) under another: their
+    // lives would be tied (and with a device given back to a later attach, could
+    // loop). A sysfs lookup of the fd's block device, quick.
+    if (const auto number = kernel::loopNumberOf(fd.get()); number && table_.owner(*number))
+        throw Error(Errc::InvalidArgument, "cannot attach " + what + ": it is " + table_.owner(*number)->describe() +
+                                               ", a device of loopd's own; attach its backing file instead");
+    attach_.start(std::move(result), from, what, std::move(fd), options);
 }
 
-void Daemon::detach(VoidResult&& result, const std::string& sender, uint64_t diskseq, core::OptionMap options)
+void Daemon::detach(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options)
 {
-    detach_.request(std::move(result), sender, diskseq, options);
+    detach_.request(std::move(result), from, diskseq, options);
 }
 
 void Daemon::waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec)

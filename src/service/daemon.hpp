@@ -40,10 +40,9 @@ public:
     ~Daemon() override;
     void run();
 
-    void attachPath(AttachResult&& result, const std::string& sender, std::string path,
-                    core::OptionMap options) override;
-    void attachFd(AttachResult&& result, const std::string& sender, sdbus::UnixFd fd, core::OptionMap options) override;
-    void detach(VoidResult&& result, const std::string& sender, uint64_t diskseq, core::OptionMap options) override;
+    void attachPath(AttachResult&& result, const CallOrigin& from, std::string path, core::OptionMap options) override;
+    void attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options) override;
+    void detach(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
     void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) override;
     std::string readinessSource() const override;
     uint32_t deviceCount() const override;

@@ -10,9 +10,9 @@ namespace loopd::service {
 
 DetachFlow::DetachFlow(Services& services, Callers& callers) : s_(services), callers_(callers) {}
 
-void DetachFlow::request(VoidResult&& result, const std::string& sender, uint64_t diskseq,
-                         const core::OptionMap& options)
+void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, const core::OptionMap& options)
 {
+    const auto& sender = from.sender;
     const auto name = "diskseq " + std::to_string(diskseq);
     try {
         core::parseDetachOptions(options);
@@ -31,7 +31,7 @@ void DetachFlow::request(VoidResult&& result, const std::string& sender, uint64_
                              {"loopd.file", device->info.backingFile},
                              {"loopd.owner-uid", std::to_string(device->ownerUid)}};
     callers_.authorize(
-        sender, core::Action::Detach, what, std::move(details),
+        from, core::Action::Detach, what, std::move(details),
         [this, id](std::exception_ptr error, Caller) {
             if (error)
                 return reply(id, error);

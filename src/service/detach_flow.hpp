@@ -18,7 +18,7 @@ public:
     DetachFlow(Services& services, Callers& callers);
 
     // Throws Error for a call refused at once; otherwise answered later, once.
-    void request(VoidResult&& result, const std::string& sender, uint64_t diskseq, const core::OptionMap& options);
+    void request(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, const core::OptionMap& options);
     // loopd's own decision (its client left): no one to answer.
     void own(uint64_t diskseq, RemovalReason reason);
 

@@ -13,6 +13,7 @@ Everything else falls to the actions' defaults (auth_admin) with no agent: refus
 Without logind subjects have no session, so the rules decide by subject.user.
 """
 
+import gc
 import grp
 import json
 import os
@@ -685,6 +686,24 @@ def test_attachfd_refuses_what_cannot_back_a_device(env):
             os.close(fd)
         nothing_attached(env, f"AttachFd of a {what} fd")
         assert err.message, what
+    # One of loopd's own devices (a partition of it) as backing: refused, naming it.
+    image = env.image("gpt3")
+    reply = root_attach(image)
+    with detaching(reply):
+        for node in (reply["devnode"], reply["partitions"][0]):
+            fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+            passed = dbus.types.UnixFd(fd)  # a dup of fd, held until taken back
+            try:
+                message = expect_error("InvalidArgument", pydbus_call, "AttachFd", "ha{sv}",
+                                       [passed, pydbus_options()]).message
+            finally:
+                os.close(fd)
+                os.close(passed.take())
+            # The error's traceback keeps libdbus's message, and with it another dup
+            # of the fd: collected, no opener of ours keeps the device from its detach.
+            gc.collect()
+            assert reply["devnode"] in message, message
+        assert devices_count() == 1, f"loopd has {devices_count()} devices, expected 1"
 
 
 def test_quotas(env):
