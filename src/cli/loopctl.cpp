@@ -1,4 +1,5 @@
 // loopctl: the command-line client of loopd (org.loopd1 on the system bus).
+#include "attach_args.hpp"
 #include "org.loopd1-proxy.h"
 
 #include <loopd/signals.hpp>
@@ -19,12 +20,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <limits>
 #include <optional>
 
 namespace {
+
+using loopctl::AttachArgs;
+using loopctl::UsageError;
 
 using Json = nlohmann::ordered_json;
 using Options = std::map<std::string, sdbus::Variant>;
@@ -37,11 +39,6 @@ constexpr const char* deviceInterface = "org.loopd1.Device";
 
 // A failure with a message for stderr; exit status 1.
 struct Failure : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
-
-// A usage error (bad configuration file); exit status 2.
-struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
@@ -120,15 +117,18 @@ std::pair<sdbus::ObjectPath, Properties> findDevice(sdbus::IConnection& connecti
     const char* key = name.rfind("/dev/", 0) == 0 ? "DevNode" : digits ? "DiskSeq" : "Ref";
     // Several objects may show one devnode for a moment (an attachment still being
     // detached, and the newer one on its number): the newest is meant.
-    std::optional<std::pair<sdbus::ObjectPath, Properties>> found;
+    std::pair<sdbus::ObjectPath, Properties> found;
+    uint64_t newest = 0; // diskseqs start at 1
     for (auto& [path, props] : listDevices(connection)) {
         const auto diskseq = props.at("DiskSeq").get<uint64_t>();
         const auto value = digits ? std::to_string(diskseq) : toText(props.at(key));
-        if (!name.empty() && value == name && (!found || found->second.at("DiskSeq").get<uint64_t>() < diskseq))
-            found.emplace(path, props);
+        if (!name.empty() && value == name && diskseq > newest) {
+            found = {path, props};
+            newest = diskseq;
+        }
     }
-    if (found)
-        return *found;
+    if (newest)
+        return found;
     throw Failure("org.loopd1.Error.NotFound: no loopd device '" + name + "'");
 }
 
@@ -149,22 +149,6 @@ void printReady(const AttachReply& reply, bool json)
         std::cout << partition << '\n';
     std::cout.flush();
 }
-
-struct AttachArgs {
-    std::string image;
-    std::optional<std::string> config;
-    bool readOnly = false;
-    bool directIo = false;
-    bool noPartscan = false;
-    bool autoclear = false;
-    bool hold = false;
-    bool json = false;
-    std::optional<uint64_t> offset;
-    std::optional<uint64_t> sizeLimit;
-    std::optional<uint32_t> sectorSize;
-    std::optional<std::string> ref;
-    std::optional<double> timeout;
-};
 
 Options attachOptions(const AttachArgs& args, bool readOnly)
 {
@@ -190,88 +174,6 @@ Options attachOptions(const AttachArgs& args, bool readOnly)
     if (args.timeout)
         options["timeout-usec"] = static_cast<uint64_t>(*args.timeout * 1e6);
     return options;
-}
-
-// ---- /etc/loopd/images/NAME.conf ------------------------------------------
-//
-// One "key = value" per line, '#' starts a comment line. Keys are attach's long
-// options (image, read-only, offset, size-limit, sector-size, direct-io, partscan,
-// autoclear, timeout); booleans are yes/no, true/false, on/off or 1/0. What the
-// command line gives wins over the file.
-
-bool parseBool(const std::string& value, const std::string& where)
-{
-    if (value == "yes" || value == "true" || value == "on" || value == "1")
-        return true;
-    if (value == "no" || value == "false" || value == "off" || value == "0")
-        return false;
-    throw UsageError(where + ": '" + value + "' is not a boolean (yes or no)");
-}
-
-template <typename T> T parseNumber(const std::string& value, const std::string& where)
-{
-    try {
-        std::size_t used = 0;
-        const auto number = std::stoull(value, &used, 0);
-        if (used == value.size() && value.front() != '-' && number <= std::numeric_limits<T>::max())
-            return static_cast<T>(number);
-    } catch (const std::exception&) {
-    }
-    throw UsageError(where + ": '" + value + "' is not a number in range");
-}
-
-std::string trim(const std::string& text)
-{
-    const auto first = text.find_first_not_of(" \t");
-    if (first == std::string::npos)
-        return {};
-    return text.substr(first, text.find_last_not_of(" \t") - first + 1);
-}
-
-void applyConfigLine(AttachArgs& args, const std::string& key, const std::string& value, const std::string& where)
-{
-    if (key == "image") {
-        if (args.image.empty())
-            args.image = value;
-    } else if (key == "read-only") {
-        args.readOnly = args.readOnly || parseBool(value, where);
-    } else if (key == "direct-io") {
-        args.directIo = args.directIo || parseBool(value, where);
-    } else if (key == "partscan") {
-        args.noPartscan = args.noPartscan || !parseBool(value, where);
-    } else if (key == "autoclear") {
-        args.autoclear = args.autoclear || parseBool(value, where);
-    } else if (key == "offset") {
-        args.offset = args.offset.value_or(parseNumber<uint64_t>(value, where));
-    } else if (key == "size-limit") {
-        args.sizeLimit = args.sizeLimit.value_or(parseNumber<uint64_t>(value, where));
-    } else if (key == "sector-size") {
-        args.sectorSize = args.sectorSize.value_or(parseNumber<uint32_t>(value, where));
-    } else if (key == "timeout") {
-        args.timeout = args.timeout.value_or(static_cast<double>(parseNumber<uint32_t>(value, where)));
-    } else {
-        throw UsageError(where + ": unknown key '" + key + "'");
-    }
-}
-
-void readConfig(AttachArgs& args)
-{
-    std::ifstream in(*args.config);
-    if (!in)
-        throw UsageError(*args.config + ": " + std::strerror(errno));
-    std::string line;
-    for (unsigned number = 1; std::getline(in, line); ++number) {
-        const auto where = *args.config + ":" + std::to_string(number);
-        line = trim(line);
-        if (line.empty() || line.front() == '#')
-            continue;
-        const auto equals = line.find('=');
-        if (equals == std::string::npos)
-            throw UsageError(where + ": expected key = value");
-        applyConfigLine(args, trim(line.substr(0, equals)), trim(line.substr(equals + 1)), where);
-    }
-    if (args.image.empty())
-        throw UsageError(*args.config + ": no image = PATH");
 }
 
 // Opened here, with the user's own permissions, and passed as an fd (AttachFd):

@@ -1,7 +1,7 @@
 #include "sysfs.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
 
 #include <cerrno>
 #include <filesystem>
@@ -62,12 +62,14 @@ void triggerChange(unsigned number, unsigned partition, const std::string& uuid)
 
 std::optional<unsigned> loopNumberOf(int fd)
 {
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISBLK(st.st_mode))
+    // AT_STATX_DONT_SYNC: cached attributes only, so that a file on a filesystem
+    // that does not answer (FUSE) cannot make the loop thread wait here.
+    struct statx st {};
+    if (::statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE, &st) != 0 || !S_ISBLK(st.stx_mode))
         return std::nullopt;
     std::error_code ec;
     const auto target = std::filesystem::read_symlink(
-        "/sys/dev/block/" + std::to_string(major(st.st_rdev)) + ":" + std::to_string(minor(st.st_rdev)), ec);
+        "/sys/dev/block/" + std::to_string(st.stx_rdev_major) + ":" + std::to_string(st.stx_rdev_minor), ec);
     if (ec)
         return std::nullopt;
     // .../block/loop3 for a disk, .../block/loop3/loop3p1 for a partition.

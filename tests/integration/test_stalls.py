@@ -57,6 +57,16 @@ def test_locked_free_device_is_passed_over(env):
         os.close(holder)
 
 
+def attach_timed(held, image):
+    """Seconds an attach of image took; its reply checked at reply time. Detached
+    when `held` (harness.detaching) ends."""
+    before = time.monotonic()
+    reply = held.add(pydbus_attach(image.path))
+    took = time.monotonic() - before
+    verify_reply(reply, image)
+    return took
+
+
 class StuckFs:
     """stuck_fs.py mounted under the test's temp dir; reads block until release()."""
 
@@ -107,10 +117,7 @@ def test_backing_files_that_never_answer_stall_nobody(env):
         time.sleep(0.5)  # not a readiness wait: lets the stuck attaches reach their reads first
         image = env.image("gpt3")
         with detaching() as held:
-            before = time.monotonic()
-            reply = held.add(pydbus_attach(image.path))
-            took = time.monotonic() - before
-            verify_reply(reply, image)
+            took = attach_timed(held, image)
             assert took < NOT_WAITED, f"a normal attach took {took:.1f} s beside {STUCK_ATTACHES} stuck ones"
             print(f"# a normal attach beside {STUCK_ATTACHES} stuck ones: {took * 1000:.0f} ms")
         for t in stuck:
@@ -155,10 +162,7 @@ def test_a_flood_of_calls_starves_nothing(env):
         for _ in range(3):
             image = env.image("gpt3")
             with detaching() as held:
-                before = time.monotonic()
-                reply = held.add(pydbus_attach(image.path))
-                took = time.monotonic() - before
-                verify_reply(reply, image)
+                took = attach_timed(held, image)
                 print(f"# attach under a flood of {FLOODERS} clients: {took * 1000:.0f} ms")
                 assert took < NOT_WAITED, f"an attach under the flood took {took:.1f} s"
     finally:

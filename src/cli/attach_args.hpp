@@ -1,0 +1,37 @@
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+// What `loopctl attach` is asked to do: its command line, completed by an image
+// configuration file (loopd-image@NAME.service).
+namespace loopctl {
+
+// A usage error (bad configuration file); exit status 2.
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+struct AttachArgs {
+    std::string image;
+    std::optional<std::string> config;
+    bool readOnly = false;
+    bool directIo = false;
+    bool noPartscan = false;
+    bool autoclear = false;
+    bool hold = false;
+    bool json = false;
+    std::optional<uint64_t> offset;
+    std::optional<uint64_t> sizeLimit;
+    std::optional<uint32_t> sectorSize;
+    std::optional<std::string> ref;
+    std::optional<double> timeout;
+};
+
+// Reads args.config into args; what the command line gave wins. Throws UsageError
+// naming the file and line.
+void readConfig(AttachArgs& args);
+
+} // namespace loopctl
