@@ -2,6 +2,7 @@
 
 #include <loopd/unique_fd.hpp>
 
+#include <fcntl.h>
 #include <linux/capability.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -14,12 +15,16 @@
 namespace loopd::kernel {
 namespace {
 
+// AT_STATX_DONT_SYNC: cached attributes only. A caller's root may lie on a
+// filesystem that does not answer (FUSE), and this runs on the loop thread.
 bool sameFile(const std::string& a, const std::string& b)
 {
-    struct stat sa {};
-    struct stat sb {};
-    return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
-           sa.st_ino == sb.st_ino;
+    struct statx sa {};
+    struct statx sb {};
+    constexpr unsigned mask = STATX_INO;
+    return ::statx(AT_FDCWD, a.c_str(), AT_STATX_DONT_SYNC, mask, &sa) == 0 &&
+           ::statx(AT_FDCWD, b.c_str(), AT_STATX_DONT_SYNC, mask, &sb) == 0 && sa.stx_dev_major == sb.stx_dev_major &&
+           sa.stx_dev_minor == sb.stx_dev_minor && sa.stx_ino == sb.stx_ino;
 }
 
 // "Uid:" (real, effective, saved, fs) and "CapEff:" of /proc/PID/status.
