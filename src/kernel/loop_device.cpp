@@ -112,8 +112,20 @@ void LoopControl::add(unsigned number)
 
 UniqueFd openLoop(unsigned number, bool readOnly)
 {
+    auto fd = tryOpenLoop(number, readOnly);
+    if (!fd) {
+        errno = ENXIO;
+        fail("open " + loopDevNode(number));
+    }
+    return std::move(*fd);
+}
+
+std::optional<UniqueFd> tryOpenLoop(unsigned number, bool readOnly)
+{
     const auto node = loopDevNode(number);
     UniqueFd fd(::open(node.c_str(), (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY));
+    if (!fd && errno == ENXIO)
+        return std::nullopt;
     if (!fd)
         fail("open " + node);
     return fd;

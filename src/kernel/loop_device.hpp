@@ -60,6 +60,10 @@ private:
 };
 
 UniqueFd openLoop(unsigned number, bool readOnly);
+// nullopt when the kernel refuses new openers (ENXIO): the device is being
+// released (Lo_rundown, 6.11+: between LOOP_CLR_FD or an autoclear last close and
+// the unbound state) or is being removed. Any other failure throws.
+std::optional<UniqueFd> tryOpenLoop(unsigned number, bool readOnly);
 
 // flock() on an fd; op is LOCK_EX, LOCK_SH or LOCK_UN. Retries EINTR.
 // flock(op | LOCK_NB): false when someone else holds a conflicting lock.

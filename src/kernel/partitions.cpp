@@ -24,6 +24,7 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -268,6 +269,41 @@ bool singleThreaded()
 }
 #endif
 
+namespace {
+std::shared_mutex forkGate;
+}
+
+std::shared_lock<std::shared_mutex> holdOffForks()
+{
+    return std::shared_lock(forkGate);
+}
+
+namespace {
+
+// fork() with no other sequence's fds in flight; returns once the child has
+// closed its copies of loopd's fds (its end of `closed` is among them: EOF).
+pid_t forkGated(int deviceFd, int answerFd)
+{
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0)
+        fail(errno, "pipe2");
+    UniqueFd closedReader(ends[0]);
+    UniqueFd closedWriter(ends[1]);
+    std::unique_lock gate(forkGate);
+    const pid_t child = ::fork();
+    if (child < 0)
+        fail(errno, "fork");
+    if (child == 0)
+        probeChild(deviceFd, answerFd);
+    closedWriter.reset();
+    char byte;
+    while (::read(closedReader.get(), &byte, 1) < 0 && errno == EINTR) {
+    }
+    return child;
+}
+
+} // namespace
+
 std::vector<PartitionSpec> probePartitionsConfined(int fd, std::chrono::steady_clock::time_point deadline)
 {
 #if defined(__SANITIZE_ADDRESS__)
@@ -279,11 +315,7 @@ std::vector<PartitionSpec> probePartitionsConfined(int fd, std::chrono::steady_c
         fail(errno, "pipe2");
     UniqueFd reader(ends[0]);
     UniqueFd writer(ends[1]);
-    const pid_t child = ::fork();
-    if (child < 0)
-        fail(errno, "fork");
-    if (child == 0)
-        probeChild(fd, writer.get());
+    const pid_t child = forkGated(fd, writer.get());
     writer.reset();
     std::vector<uint64_t> words;
     std::string buffer;

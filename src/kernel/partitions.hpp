@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <shared_mutex>
 #include <vector>
 
 // Partition tables and block-device partitions. probePartitions, addPartition and
@@ -27,6 +28,15 @@ std::vector<PartitionSpec> probePartitions(int fd);
 // the deadline it is killed and this throws ETIMEDOUT (once the child is gone: one
 // stuck in a read of the device goes only when the read returns).
 std::vector<PartitionSpec> probePartitionsConfined(int fd, std::chrono::steady_clock::time_point deadline);
+
+// A forked child holds a copy of every fd loopd had at the fork until it closes
+// them (the probe child does so first, but may not be scheduled for a while). A
+// copy of an O_EXCL open keeps the claim alive after loopd's own close (a detach
+// then saw its own probe as "in use"), and a copy of a loop fd is one more opener
+// (LOOP_CLR_FD only sets autoclear). A sequence that needs its closes to take
+// effect holds this; the probe's fork waits for it, and holds new ones off until
+// the child has dropped its copies.
+std::shared_lock<std::shared_mutex> holdOffForks();
 
 // BLKPG_ADD_PARTITION. Returns false if the partition already exists (EBUSY: the
 // kernel's own parser created it, on kernels that have one).

@@ -99,13 +99,17 @@ std::optional<UniqueFd> lockedFreeDevice(kernel::LoopControl& control, unsigned&
     for (unsigned looked = 0; looked < maxLooked; ++looked, ++number) {
         if (looked > 0 && !std::filesystem::exists("/sys/block/loop" + std::to_string(number)))
             control.add(number);
-        auto fd = kernel::openLoop(number, readOnly);
-        if (!kernel::tryLockFd(fd.get(), LOCK_EX)) {
+        // Not openable: another attachment of this number is being released
+        // (a passed-over bound one, or the free one taken and detached meanwhile).
+        auto fd = kernel::tryOpenLoop(number, readOnly);
+        if (!fd)
+            continue;
+        if (!kernel::tryLockFd(fd->get(), LOCK_EX)) {
             log::debug("dev=loop{} is locked by someone else; passing it over", number);
             continue;
         }
-        if (looked == 0 || !kernel::getStatus(fd.get())) // above the free one, bound ones are skipped
-            return fd;
+        if (looked == 0 || !kernel::getStatus(fd->get())) // above the free one, bound ones are skipped
+            return std::move(*fd);
     }
     return std::nullopt;
 }
@@ -201,12 +205,22 @@ void removePartitions(int loopFd, const DeviceInfo& info)
         kernel::removePartition(loopFd, *it);
 }
 
+// Closed when no probe child holds a copy of it (kernel::holdOffForks), so that
+// the close is the last one when loopd's was.
+void closeUncopied(UniqueFd& fd)
+{
+    const auto noForks = kernel::holdOffForks();
+    fd.reset();
+}
+
 // A disk or partition that is mounted or otherwise claimed (an O_EXCL opener:
 // mount, LVM, dm, mkfs) refuses a second exclusive open with EBUSY, and BLKPG
 // could not remove such a partition anyway: find out before touching anything,
 // so a refused detach changes nothing.
 void checkUnclaimed(const DeviceInfo& info)
 {
+    // A probe child forked meanwhile would keep a claim alive past its close.
+    const auto noForks = kernel::holdOffForks();
     auto check = [](const std::string& node) {
         UniqueFd probe(::open(node.c_str(), O_RDONLY | O_CLOEXEC | O_EXCL | O_NONBLOCK));
         if (!probe && errno == EBUSY)
@@ -343,7 +357,7 @@ DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info)
     // kernel (6.11+) releases the device at this close; with others it only sets
     // autoclear and the release waits for their last close.
     kernel::clear(lockFd.get());
-    lockFd.reset();
+    closeUncopied(lockFd);
     if (releasedSoon(info))
         return DetachOutcome::Released;
     try {
@@ -363,7 +377,7 @@ DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info)
 
 void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
 {
-    lockFd.reset();
+    closeUncopied(lockFd);
     try {
         releasedSoon(info);
     } catch (const std::exception& e) {
@@ -381,7 +395,7 @@ void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
         kernel::clear(lockFd.get());
         // The failed call's reply says nothing is left attached: wait for the
         // release that a udev worker still probing the device may delay briefly.
-        lockFd.reset();
+        closeUncopied(lockFd);
         if (!releasedSoon(info))
             log::warn("undo of an attach: dev={} diskseq={} is still open elsewhere; the kernel releases it at "
                       "its last close",
@@ -400,8 +414,8 @@ std::optional<UniqueFd> openIfStill(unsigned number, uint64_t diskseq)
 {
     if (kernel::sysfsDiskseq(number) != diskseq || !kernel::sysfsBackingFile(number))
         return std::nullopt;
-    auto fd = kernel::openLoop(number, true);
-    if (kernel::diskseq(fd.get()) != diskseq)
+    auto fd = kernel::tryOpenLoop(number, true);
+    if (!fd || kernel::diskseq(fd->get()) != diskseq)
         return std::nullopt;
     return fd;
 }
@@ -463,12 +477,12 @@ void releaseIntent(const core::Record& intent, const std::set<unsigned>& skip)
         const auto number = static_cast<unsigned>(std::stoul(name.substr(4)));
         if (skip.count(number))
             continue;
-        auto fd = kernel::openLoop(number, true);
-        const auto status = kernel::getStatus(fd.get());
+        auto fd = kernel::tryOpenLoop(number, true);
+        const auto status = fd ? kernel::getStatus(fd->get()) : std::nullopt;
         if (status && status->backingDevice == intent.info.backingDevice &&
             status->backingInode == intent.info.backingInode && status->fileName == intent.fileName) {
             log::info("releasing dev={} left by a crash during attach", kernel::loopDevNode(number));
-            releaseDevice(fd.get(), number);
+            releaseDevice(fd->get(), number);
         }
     }
 }
