@@ -2,7 +2,7 @@
 packages=(
   build-essential pkg-config meson ninja-build
   libsdbus-c++-dev libsdbus-c++-bin libsystemd-dev libudev-dev libblkid-dev
-  libfmt-dev catch2 libcli11-dev nlohmann-json3-dev
+  libfmt-dev libspdlog-dev catch2 libcli11-dev nlohmann-json3-dev
   dbus udev fdisk util-linux python3 python3-dbus python3-gi
   systemd libdbus-1-dev libpolkit-gobject-1-dev polkitd
   fuse3 python3-fusepy

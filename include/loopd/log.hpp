@@ -1,108 +1,84 @@
 #pragma once
-// The daemon's log: one line per message, written with a single write(2) so lines
-// of different threads never interleave.
+// The daemon's log, on spdlog (set up by src/service/log.cpp): one plain line per
+// message on stderr, or under systemd one journal entry per message with
+// structured fields, so that `journalctl -u loopd DISKSEQ=13` tells one
+// attachment's story (DESIGN.md, "Logging").
 //
-// Under systemd (JOURNAL_STREAM is set) stderr is a stream into the journal, and a
-// line that starts with "<N>" gets syslog priority N there (journald's
-// SyslogLevelPrefix=, on by default): no journal library needed. Elsewhere a line
-// starts with the local time and the level's name.
-//
-// Not spdlog: its shared library alone kept 0.5 MiB of loopd's RSS resident for a
-// dozen formatted lines a second at most (tests/bench/RESULTS.md).
+//   log::info("attached dev={} diskseq={}", node, diskseq);
+//   log::Scope about{{.diskseq = 13, .device = "/dev/loop0"}}; // for what follows
 #include <fmt/format.h>
 
-#include <unistd.h>
-
-#include <ctime>
+#include <cstdint>
 #include <optional>
+#include <source_location>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace loopd::log {
 
 enum class Level { trace, debug, info, warn, error, critical };
 
-struct Config {
-    Level threshold = Level::info;
-    bool journal = false;
+std::optional<Level> parseLevel(std::string_view name);
+bool enabled(Level level) noexcept;
+
+// What a message is about: the journal's DISKSEQ=, LOOPD_DEVICE=, LOOPD_REF=,
+// LOOPD_CALLER_UID= and LOOPD_REQUEST= (one id per D-Bus call). Unset fields
+// (0, empty) are left out of the entry.
+struct Context {
+    uint64_t diskseq = 0;
+    std::string device{}; // /dev/loopN
+    std::string ref{};
+    std::optional<uint32_t> callerUid{};
+    uint64_t request = 0;
 };
 
-// Set once by main before any thread starts; read-only afterwards.
-inline Config config;
+// The context of every message this thread logs while the scope lives. Nested
+// scopes add to the outer one; a field the inner one sets wins.
+class Scope {
+public:
+    explicit Scope(const Context& context);
+    ~Scope();
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
 
-inline std::optional<Level> parseLevel(std::string_view name)
-{
-    static constexpr std::string_view names[] = {"trace", "debug", "info", "warn", "error", "critical"};
-    for (int i = 0; i < 6; ++i)
-        if (name == names[i])
-            return static_cast<Level>(i);
-    return std::nullopt;
-}
+private:
+    Context outer_;
+};
 
-inline bool enabled(Level level) noexcept
-{
-    return level >= config.threshold;
-}
+// This thread's context (the sinks read it: spdlog's messages carry no fields).
+const Context& current() noexcept;
 
 // Control characters as C escapes (\n, \t, \xNN): a caller's path, ref or name
-// with a newline never becomes a log line of its own (nor, with "<0>", one of
-// journald's emergency lines).
-inline std::string escaped(std::string_view text)
-{
-    std::string out;
-    out.reserve(text.size());
-    for (const char c : text) {
-        const auto byte = static_cast<unsigned char>(c);
-        if (byte >= 0x20 && byte != 0x7f && c != '\\')
-            out += c;
-        else if (c == '\n')
-            out += "\\n";
-        else if (c == '\t')
-            out += "\\t";
-        else if (c == '\\')
-            out += "\\\\";
-        else
-            out += fmt::format("\\x{:02x}", byte);
-    }
-    return out;
-}
+// with a newline never becomes a log line (or journal entry) of its own.
+std::string escaped(std::string_view text);
 
-inline void write(Level level, std::string_view raw) noexcept
-{
-    static constexpr int priorities[] = {7, 7, 6, 4, 3, 2}; // syslog: debug, info, warning, err, crit
-    static constexpr std::string_view names[] = {"trace", "debug", "info", "warning", "error", "critical"};
-    const auto index = static_cast<int>(level);
-    try {
-        const auto message = escaped(raw);
-        std::string line;
-        if (config.journal) {
-            line = fmt::format("<{}>{}\n", priorities[index], message);
-        } else {
-            timespec now{};
-            clock_gettime(CLOCK_REALTIME, &now);
-            tm local{};
-            localtime_r(&now.tv_sec, &local);
-            char stamp[32];
-            std::strftime(stamp, sizeof stamp, "%Y-%m-%d %H:%M:%S", &local);
-            line = fmt::format("{}.{:03} {} {}\n", stamp, now.tv_nsec / 1000000, names[index], message);
-        }
-        // A short write to a full or closed stderr loses a log line, nothing else.
-        [[maybe_unused]] auto written = ::write(STDERR_FILENO, line.data(), line.size());
-    } catch (...) {
-        // Out of memory while logging: the line is lost, the caller goes on.
-    }
-}
+// One message, escaped, with this thread's context. Never throws.
+void write(Level level, std::string_view message, const std::source_location& where) noexcept;
 
-// log::info("...", args), log::warn(...): one callable per level, checked formats.
+// A checked format string and the place of the call (the journal's CODE_FILE=,
+// CODE_LINE=, CODE_FUNC=).
+template <typename... Args> struct Format {
+    template <typename Text>
+    consteval Format(const Text& text, std::source_location where = std::source_location::current())
+        : text(text), where(where)
+    {
+    }
+    fmt::format_string<Args...> text;
+    std::source_location where;
+};
+
+// log::info("...", args), log::warn(...): one callable per level.
 template <Level level> struct At {
-    template <typename... Args> void operator()(fmt::format_string<Args...> format, Args&&... args) const noexcept
+    template <typename... Args>
+    void operator()(Format<std::type_identity_t<Args>...> format, Args&&... args) const noexcept
     {
         if (!enabled(level))
             return;
         try {
-            write(level, fmt::format(format, std::forward<Args>(args)...));
+            write(level, fmt::format(format.text, std::forward<Args>(args)...), format.where);
         } catch (...) {
-            write(level, "(a log line could not be formatted)");
+            write(level, "(a log line could not be formatted)", format.where);
         }
     }
 };

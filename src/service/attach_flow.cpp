@@ -13,9 +13,22 @@
 namespace loopd::service {
 namespace {
 
-long long millisSince(core::Clock::time_point start)
+// "12.3": milliseconds from start to then, or "-" for a step that did not happen.
+std::string millisBetween(core::Clock::time_point start, core::Clock::time_point then)
 {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count();
+    if (then == core::Clock::time_point{})
+        return "-";
+    return fmt::format("{:.1f}", std::chrono::duration<double, std::milli>(then - start).count());
+}
+
+std::string partitionList(const DeviceInfo& info)
+{
+    if (info.partitions.empty())
+        return "none";
+    std::string list;
+    for (const auto number : info.partitions)
+        list += (list.empty() ? "p" : " p") + std::to_string(number);
+    return list;
 }
 
 // Which events count for a request: udev's when it runs (and was not declined).
@@ -67,6 +80,7 @@ void AttachFlow::start(AttachResult&& result, const CallOrigin& from, std::strin
     job.record.ref = job.options.ref;
     job.record.lifetime = job.options.lifetime;
     job.record.owner = sender;
+    job.about = {.ref = job.options.ref, .request = id};
     const auto denied = "attaching " + job.what;
     // For polkit's rules and the agent's prompt: what is attached, and how.
     Callers::Details details{{"loopd.file", job.what}, {"loopd.read-only", job.options.readOnly ? "true" : "false"}};
@@ -85,6 +99,9 @@ void AttachFlow::start(AttachResult&& result, const CallOrigin& from, std::strin
 void AttachFlow::authorized(core::RequestId id, const Caller& caller)
 {
     auto& job = attaches_.at(id);
+    job.about.callerUid = caller.uid;
+    job.times.authorized = core::Clock::now();
+    log::Scope about{job.about};
     try {
         if (s_.stopping)
             throw Error(Errc::Failed, "cannot attach " + job.what + ": loopd is stopping");
@@ -111,6 +128,8 @@ void AttachFlow::authorized(core::RequestId id, const Caller& caller)
     }
     job.ownerUid = caller.uid;
     job.record.ownerUid = caller.uid;
+    log::info("attach of {} asked by uid={} sender={}{}{}", job.what, caller.uid, job.sender,
+              job.options.ref.empty() ? "" : " ref=" + job.options.ref, job.options.readOnly ? " read-only" : "");
     // The readiness deadline starts now: time a user spends answering polkit's
     // password prompt is not the kernel's.
     job.deadline = core::Clock::now() + job.options.timeout;
@@ -156,7 +175,8 @@ void AttachFlow::run(core::RequestId id, const Caller& caller)
     // deadline the call is answered without it (onTime) and whatever it did is
     // undone when it returns. It copies what it uses (the record store is a
     // directory name), as it may return after loopd let go of everything.
-    s_.workers.spawn([this, id, work, records = s_.records]() -> WorkerPool::Continuation {
+    s_.workers.spawn([this, id, work, records = s_.records, about = job.about]() -> WorkerPool::Continuation {
+        log::Scope scope{about};
         try {
             auto backing = work->fd ? checkBacking(std::move(work->fd), work->what, work->options)
                                     : openBacking(work->path, work->options, work->credentials);
@@ -184,6 +204,7 @@ void AttachFlow::dropLate(core::RequestId id, const std::shared_ptr<Attached>& a
 {
     auto node = attaches_.extract(id);
     auto& job = node.mapped();
+    log::Scope about{job.about};
     log::warn("attach of {} came back after its deadline dev=loop{} diskseq={}: undoing it", job.what,
               attached->info.number, attached->info.diskseq);
     if (job.reserved)
@@ -224,6 +245,7 @@ void AttachFlow::onTime(core::Clock::time_point now)
         if (!job.working || job.answered || job.deadline > now)
             continue;
         job.answered = true;
+        log::Scope about{job.about};
         const auto message = "cannot attach " + job.what +
                              ": the backing file did not answer within the deadline; whatever was set up is undone "
                              "once it does";
@@ -235,6 +257,11 @@ void AttachFlow::onTime(core::Clock::time_point now)
 void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>& attached)
 {
     auto& job = attaches_.at(id);
+    job.times.configured = attached->configured;
+    job.times.partitionsAdded = attached->partitionsAdded;
+    job.about.diskseq = attached->info.diskseq;
+    job.about.device = kernel::loopDevNode(attached->info.number);
+    log::Scope about{job.about};
     Device device;
     device.info = attached->info;
     device.lockFd = std::make_shared<UniqueFd>(std::move(attached->lockFd));
@@ -261,8 +288,9 @@ void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>&
         });
     }
     job.diskseq = info.diskseq;
-    log::debug("configured dev={} diskseq={} partitions={} file={}", kernel::loopDevNode(info.number), info.diskseq,
-               info.partitions.size(), job.what);
+    log::info("configured dev={} diskseq={} file={} offset={} size-limit={}{}{} partitions added: {}",
+              kernel::loopDevNode(info.number), info.diskseq, job.what, info.offset, info.sizeLimit,
+              info.readOnly ? " read-only" : "", info.directIo ? " direct-io" : "", partitionList(info));
     if (s_.stopping)
         return abandon(id, Errc::Failed, "loopd is stopping", true);
     auto& stored = *s_.table.find(info.diskseq);
@@ -272,6 +300,7 @@ void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>&
 void AttachFlow::ready(core::RequestId id)
 {
     auto& job = attaches_.at(id);
+    log::Scope about{job.about};
     // A `losetup -d` meanwhile only set autoclear (loopd holds the device open)
     // and sent no event: look before saying ready.
     if (auto* device = s_.table.find(job.diskseq);
@@ -285,9 +314,14 @@ void AttachFlow::ready(core::RequestId id)
     exportDevice(s_, device);
     replyReady(done.result, device);
     s_.manager->devicesChanged();
-    log::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
+    const auto& t = done.times;
+    const auto at = [&done](core::Clock::time_point then) { return millisBetween(done.started, then); };
+    log::info("attached dev={} diskseq={} partitions={} file={} uid={} sender={} in {} ms: authorized {}, "
+              "configured {}, partitions added {}, disk ready {}, last partition ready {}, reply {} ({} {} events)",
               kernel::loopDevNode(device.info.number), done.diskseq, device.info.partitions.size(), done.what,
-              done.sender, millisSince(done.started));
+              done.ownerUid, done.sender, at(core::Clock::now()), at(t.authorized), at(t.configured),
+              at(t.partitionsAdded), at(t.diskEvent), device.info.partitions.empty() ? "-" : at(t.lastPartitionEvent),
+              at(core::Clock::now()), t.events, done.events == EventSource::Udev ? "udev" : "kernel");
     if (done.vanished && device.options.lifetime == Lifetime::Client && onOrphaned)
         onOrphaned(done.diskseq);
 }
@@ -297,6 +331,7 @@ void AttachFlow::failed(core::RequestId id, std::exception_ptr error)
 {
     auto node = attaches_.extract(id);
     auto& job = node.mapped();
+    log::Scope about{job.about};
     if (job.reserved) // another attach's reservation of the same name is not ours to drop
         s_.table.releaseRef(job.options.ref);
     if (job.answered)
@@ -316,6 +351,7 @@ void AttachFlow::abandon(core::RequestId id, Errc code, const std::string& why, 
     auto& job = attaches_.at(id);
     if (job.abandoning)
         return;
+    log::Scope about{job.about};
     job.abandoning = true;
     s_.registry.cancel(id);
     s_.table.setState(job.diskseq, DeviceState::Detaching);
@@ -331,6 +367,7 @@ void AttachFlow::abandon(core::RequestId id, Errc code, const std::string& why, 
         return WorkerPool::Continuation([this, id, code, message] {
             auto node = attaches_.extract(id);
             auto& job = node.mapped();
+            log::Scope about{job.about};
             deviceGone(job.diskseq, message);
             s_.table.remove(job.diskseq, RemovalReason::Abandoned);
             log::warn("attach abandoned: {}", message);
@@ -359,6 +396,22 @@ bool AttachFlow::settle(const core::Outcome& outcome)
     else
         abandon(id, Errc::Timeout, "was not ready in time; it was detached again", true);
     return true;
+}
+
+void AttachFlow::sawEvent(const Uevent& event)
+{
+    if (event.diskseq == 0 || (event.action != UeventAction::Add && event.action != UeventAction::Change))
+        return;
+    for (auto& [id, job] : attaches_) {
+        if (job.diskseq != event.diskseq || job.events != event.source)
+            continue;
+        auto& t = job.times;
+        ++t.events;
+        if (event.partition == 0 && t.diskEvent == core::Clock::time_point{})
+            t.diskEvent = core::Clock::now();
+        else if (event.partition != 0)
+            t.lastPartitionEvent = core::Clock::now();
+    }
 }
 
 void AttachFlow::callerLeft(const std::string& sender)

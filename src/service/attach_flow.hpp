@@ -6,6 +6,8 @@
 
 #include <loopd/attach_options.hpp>
 #include <loopd/error.hpp>
+#include <loopd/log.hpp>
+#include <loopd/uevent.hpp>
 
 #include <map>
 #include <memory>
@@ -49,11 +51,18 @@ public:
     // (if ever) it comes back.
     void onTime(core::Clock::time_point now);
     [[nodiscard]] bool waiting() const { return !waiters_.empty(); }
+    // An event came: for the timeline of the attach it belongs to.
+    void sawEvent(const Uevent& event);
 
     // A lifetime=client device became ready after its caller left.
     std::function<void(uint64_t diskseq)> onOrphaned;
 
 private:
+    // When each step of an attach was done (the info line of a ready attach).
+    struct Timeline {
+        core::Clock::time_point authorized{}, configured{}, partitionsAdded{}, diskEvent{}, lastPartitionEvent{};
+        unsigned events = 0; // those that counted: of the attachment, from its source
+    };
     struct Pending {
         AttachResult result;
         std::string sender;
@@ -72,6 +81,8 @@ private:
         bool answered = false;   // timed out while working: the caller has its reply
         bool reserved = false;   // its ref is reserved in the table
         core::Record record{};
+        log::Context about{}; // the journal's fields of this call's messages
+        Timeline times{};
     };
     struct Waiter {
         AttachResult result;

@@ -310,7 +310,7 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
         records.remove(record);
         throw;
     }
-    Attached attached{std::move(configured.holdFd), DeviceInfo{}};
+    Attached attached{std::move(configured.holdFd), DeviceInfo{}, core::Clock::now()};
     auto& info = attached.info;
     info.number = configured.number;
     info.diskseq = configured.diskseq;
@@ -323,6 +323,7 @@ Attached attach(const kernel::BackingFile& backing, const AttachOptions& options
         readBack(attached.lockFd.get(), backing, info);
         if (options.partscan)
             addPartitions(attached.lockFd.get(), info, maxPartitions, deadline);
+        attached.partitionsAdded = core::Clock::now();
     } catch (...) {
         undo(std::move(attached.lockFd), info);
         records.remove(record);
@@ -349,16 +350,20 @@ void removePartitionsOrRestore(int loopFd, const DeviceInfo& info)
     }
 }
 
-DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info)
+DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info, DetachSteps& steps)
 {
     checkUnclaimed(info);
+    steps.claimsChecked = core::Clock::now();
     removePartitionsOrRestore(lockFd.get(), info);
     // Cleared through the one fd loopd holds, then closed: with no other opener the
     // kernel (6.11+) releases the device at this close; with others it only sets
     // autoclear and the release waits for their last close.
     kernel::clear(lockFd.get());
     closeUncopied(lockFd);
-    if (releasedSoon(info))
+    steps.cleared = core::Clock::now();
+    const bool released = releasedSoon(info);
+    steps.released = core::Clock::now();
+    if (released)
         return DetachOutcome::Released;
     try {
         auto back = takeBack(info);

@@ -23,6 +23,8 @@ namespace loopd::service {
 struct Attached {
     UniqueFd lockFd; // the configuring fd, holding LOCK_SH while loopd owns the device
     DeviceInfo info;
+    core::Clock::time_point configured{};      // LOOP_CONFIGURE done
+    core::Clock::time_point partitionsAdded{}; // the table probed, BLKPG done
 };
 
 // Opens the backing file (as the caller, for a path) and checks it.
@@ -51,7 +53,13 @@ enum class DetachOutcome {
 // (mounted: nothing touched). TakenBack when the disk is still open elsewhere
 // after the clear: autoclear taken off again, partitions re-added, lockFd a new
 // LOCK_SH fd; the caller waits for udev to see the partitions again.
-DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info);
+// When each step was done, for the detach's timeline in the log.
+struct DetachSteps {
+    core::Clock::time_point claimsChecked{};
+    core::Clock::time_point cleared{};  // partitions removed, LOOP_CLR_FD
+    core::Clock::time_point released{}; // the kernel let go of it (or not)
+};
+DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info, DetachSteps& steps);
 
 // Undoes a failed attach: the same as detach, but best effort.
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;

@@ -1,5 +1,7 @@
 #include "daemon.hpp"
 
+#include "kernel/loop_device.hpp"
+
 #include "errors.hpp"
 #include "kernel/sysfs.hpp"
 
@@ -171,10 +173,14 @@ void Daemon::onUevents(uevent::Monitor& monitor)
     auto batch = monitor.receive();
     std::set<unsigned> owned;
     for (const auto& event : batch.events) {
-        log::trace("uevent source={} action={} dev=loop{}{} diskseq={}{}",
-                   event.source == EventSource::Udev ? "udev" : "kernel", static_cast<int>(event.action), event.number,
-                   event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq,
-                   event.synthUuid.empty() ? "" : " synth_uuid=" + event.synthUuid);
+        if (log::enabled(log::Level::trace)) {
+            log::Scope about{{.diskseq = event.diskseq, .device = kernel::loopDevNode(event.number)}};
+            log::trace("uevent source={} action={} dev=loop{}{} diskseq={}{}",
+                       event.source == EventSource::Udev ? "udev" : "kernel", static_cast<int>(event.action),
+                       event.number, event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq,
+                       event.synthUuid.empty() ? "" : " synth_uuid=" + event.synthUuid);
+        }
+        attach_.sawEvent(event);
         settle(registry_.onEvent(event));
         if (table_.owner(event.number))
             owned.insert(event.number);

@@ -2,6 +2,7 @@
 
 #include "attach_sequence.hpp"
 #include "errors.hpp"
+#include "kernel/loop_device.hpp"
 
 #include <loopd/error.hpp>
 #include <loopd/log.hpp>
@@ -23,7 +24,11 @@ void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t d
     if (!device)
         throw Error(Errc::NotFound, "no loopd device with " + name);
     const auto id = s_.nextId();
-    pending_.emplace(id, Pending{std::move(result), diskseq, RemovalReason::Detached, sender});
+    auto& pending =
+        pending_.emplace(id, Pending{std::move(result), diskseq, RemovalReason::Detached, sender}).first->second;
+    pending.about = device->about();
+    pending.about.request = id;
+    pending.started = core::Clock::now();
     // Authorization first: until it is given, the device stays as it is (its
     // owner's own Detach is not refused as Busy meanwhile).
     const auto what = "detaching " + device->describe();
@@ -32,7 +37,8 @@ void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t d
                              {"loopd.owner-uid", std::to_string(device->ownerUid)}};
     callers_.authorize(
         from, core::Action::Detach, what, std::move(details),
-        [this, id](std::exception_ptr error, Caller) {
+        [this, id](std::exception_ptr error, Caller caller) {
+            pending_.at(id).about.callerUid = caller.uid;
             if (error)
                 return reply(id, error);
             start(id);
@@ -43,13 +49,19 @@ void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t d
 void DetachFlow::own(uint64_t diskseq, RemovalReason reason)
 {
     const auto id = s_.nextId();
-    pending_.emplace(id, Pending{std::nullopt, diskseq, reason, {}});
+    auto& pending = pending_.emplace(id, Pending{std::nullopt, diskseq, reason, {}}).first->second;
+    if (const auto* device = s_.table.find(diskseq))
+        pending.about = device->about();
+    pending.about.request = id;
+    pending.started = core::Clock::now();
     start(id);
 }
 
 void DetachFlow::start(core::RequestId id)
 {
-    const auto diskseq = pending_.at(id).diskseq;
+    const auto& pending = pending_.at(id);
+    log::Scope about{pending.about};
+    const auto diskseq = pending.diskseq;
     auto* device = s_.table.find(diskseq);
     try {
         if (!device)
@@ -63,23 +75,35 @@ void DetachFlow::start(core::RequestId id)
     }
     device->state = DeviceState::Detaching;
     pending_.at(id).startedUsec = realtimeUsec();
+    if (pending.sender.empty())
+        log::info("detaching dev={} diskseq={}: {}", kernel::loopDevNode(device->info.number), diskseq,
+                  reasonName(pending.reason));
+    else
+        log::info("detach of dev={} diskseq={} asked by uid={} sender={}", kernel::loopDevNode(device->info.number),
+                  diskseq, pending.about.callerUid.value_or(0), pending.sender);
     writeRecord(s_.records, device->record(core::Record::State::Detaching));
     // A thread of its own: removing partitions waits seconds for transient
     // openers, and taking a device back reads the caller's image.
-    s_.workers.spawn([this, id, fd = device->lockFd, info = device->info] {
+    s_.workers.spawn([this, id, fd = device->lockFd, info = device->info, about = pending.about] {
+        log::Scope scope{about};
+        DetachSteps steps;
         try {
-            const auto outcome = service::detach(*fd, info);
-            return WorkerPool::Continuation([this, id, outcome] { kernelDone(id, nullptr, outcome); });
+            const auto outcome = service::detach(*fd, info, steps);
+            return WorkerPool::Continuation([this, id, outcome, steps] { kernelDone(id, nullptr, outcome, steps); });
         } catch (...) {
-            return WorkerPool::Continuation(
-                [this, id, error = std::current_exception()] { kernelDone(id, error, DetachOutcome::TakenBack); });
+            return WorkerPool::Continuation([this, id, error = std::current_exception(), steps] {
+                kernelDone(id, error, DetachOutcome::TakenBack, steps);
+            });
         }
     });
 }
 
-void DetachFlow::kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome)
+void DetachFlow::kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome, DetachSteps steps)
 {
-    auto& device = *s_.table.find(pending_.at(id).diskseq);
+    auto& pending = pending_.at(id);
+    pending.steps = steps;
+    log::Scope about{pending.about};
+    auto& device = *s_.table.find(pending.diskseq);
     if (error) { // nothing was changed: loopd still owns the device, as it was
         device.state = DeviceState::Ready;
         writeRecord(s_.records, device.record(core::Record::State::Owned));
@@ -137,6 +161,7 @@ bool DetachFlow::settle(const core::Outcome& outcome)
     const auto it = pending_.find(outcome.request);
     if (it == pending_.end())
         return false;
+    log::Scope about{it->second.about};
     if (it->second.takingBack) {
         if (outcome.kind != core::Outcome::Kind::Ready)
             log::warn("dev=loop{} diskseq={} taken back after a refused detach, but not seen ready again",
@@ -154,8 +179,18 @@ void DetachFlow::confirmed(core::RequestId id, bool timedOut)
     const auto diskseq = pending.diskseq;
     const auto reason = timedOut ? RemovalReason::Timeout : pending.reason;
     const auto dev = s_.table.find(diskseq)->describe();
-    log::info("detached dev={} reason={} sender={}{}", dev, reasonName(reason), pending.sender,
-              timedOut ? " (release not confirmed in time)" : "");
+    const auto at = [&pending](core::Clock::time_point then) {
+        if (then == core::Clock::time_point{})
+            return std::string("-");
+        return fmt::format("{:.1f}", std::chrono::duration<double, std::milli>(then - pending.started).count());
+    };
+    const auto& steps = pending.steps;
+    const auto who = pending.sender.empty()
+                         ? std::string("loopd itself")
+                         : fmt::format("uid={} sender={}", pending.about.callerUid.value_or(0), pending.sender);
+    log::info("detached dev={} reason={} by {}{} in {} ms: claims checked {}, cleared {}, released {}, confirmed {}",
+              dev, reasonName(reason), who, timedOut ? " (release not confirmed in time)" : "", at(core::Clock::now()),
+              at(steps.claimsChecked), at(steps.cleared), at(steps.released), at(core::Clock::now()));
     // Reply first: a Device.Detach call's reply needs its object still registered.
     reply(id, timedOut ? std::make_exception_ptr(Error(Errc::Timeout, dev + " was released, but udev did not "
                                                                             "confirm the removal in time"))
@@ -167,8 +202,10 @@ void DetachFlow::reply(core::RequestId id, std::exception_ptr error)
 {
     auto node = pending_.extract(id);
     auto& pending = node.mapped();
+    log::Scope about{pending.about};
     if (error)
-        log::warn("detach of diskseq={} refused sender={}", pending.diskseq, pending.sender);
+        log::warn("detach of diskseq={} refused sender={}: {}", pending.diskseq, pending.sender,
+                  toDbusError(error, "cannot detach").getMessage());
     if (!pending.result)
         return;
     if (error)

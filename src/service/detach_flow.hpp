@@ -5,6 +5,8 @@
 #include "callers.hpp"
 #include "services.hpp"
 
+#include <loopd/log.hpp>
+
 #include <map>
 #include <optional>
 #include <string>
@@ -33,10 +35,13 @@ private:
         std::string sender;       // for logs; empty for loopd's own
         uint64_t startedUsec = 0; // CLOCK_REALTIME when the kernel work began
         bool takingBack = false;  // open elsewhere: waiting for the device to be ready again
+        log::Context about{};     // the journal's fields of this detach's messages
+        core::Clock::time_point started{};
+        DetachSteps steps{};
     };
 
     void start(core::RequestId id);
-    void kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome);
+    void kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome, DetachSteps steps);
     void takenBack(core::RequestId id);
     void readyAgain(core::RequestId id);
     void detachIfOrphaned(const Device& device);

@@ -74,6 +74,11 @@ core::Record Device::record(core::Record::State state) const
     return r;
 }
 
+log::Context Device::about() const
+{
+    return {.diskseq = info.diskseq, .device = kernel::loopDevNode(info.number), .ref = options.ref};
+}
+
 std::string Device::describe() const
 {
     return kernel::loopDevNode(info.number) + " (diskseq " + std::to_string(info.diskseq) + ")";

@@ -7,6 +7,7 @@
 
 #include <loopd/attach_options.hpp>
 #include <loopd/device_info.hpp>
+#include <loopd/log.hpp>
 #include <loopd/unique_fd.hpp>
 
 #include <functional>
@@ -55,6 +56,8 @@ struct Device {
     [[nodiscard]] core::Record record(core::Record::State state) const;
     // "/dev/loop3 (diskseq 12)", for messages.
     [[nodiscard]] std::string describe() const;
+    // The journal's fields for messages about it (DISKSEQ=, LOOPD_DEVICE=, LOOPD_REF=).
+    [[nodiscard]] log::Context about() const;
 };
 
 // The one place that changes which devices loopd owns. It keeps, whatever the

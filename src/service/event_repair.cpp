@@ -121,6 +121,7 @@ void EventRepair::checkReleased(unsigned number)
 void EventRepair::foreignDetach(uint64_t diskseq)
 {
     auto& device = *s_.table.find(diskseq);
+    log::Scope about{device.about()};
     device.state = DeviceState::Detaching;
     // With autoclear asked for at attach, the kernel's release is the one expected.
     const auto reason = device.options.autoclear ? RemovalReason::Autoclear : RemovalReason::ForeignDetach;
@@ -158,6 +159,7 @@ void EventRepair::nudge(const core::Nudge& due)
 {
     const auto number = due.watch.number;
     const auto node = kernel::loopDevNode(number);
+    log::Scope about{{.diskseq = due.watch.diskseq, .device = node}};
     if (due.goal == core::Goal::Released) {
         // Remove events cannot be asked for again; sysfs and udev know the outcome.
         log::info("remove events missing dev={} diskseq={}: re-enumerating", node, due.watch.diskseq);

@@ -1,10 +1,116 @@
+// loopd's log (include/loopd/log.hpp) on spdlog: one synchronous logger, so that a
+// sink runs on the logging thread and sees its log::current() context.
 #include "log.hpp"
 
+#include "journal_sink.hpp"
+
+#include <spdlog/logger.h>
+#include <spdlog/sinks/stdout_sinks.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+
+namespace loopd::log {
+namespace {
+
+thread_local Context context;
+std::atomic<Level> threshold{Level::info};
+
+// Before setupLogging (and in tests): plain lines on stderr.
+std::shared_ptr<spdlog::logger>& logger()
+{
+    static auto instance = [] {
+        auto console = std::make_shared<spdlog::logger>("loopd", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+        console->set_pattern("%Y-%m-%d %H:%M:%S.%e %l %v");
+        console->set_level(spdlog::level::trace); // log::enabled() filters first
+        return console;
+    }();
+    return instance;
+}
+
+spdlog::level::level_enum spdlogLevel(Level level)
+{
+    static constexpr spdlog::level::level_enum levels[] = {spdlog::level::trace, spdlog::level::debug,
+                                                           spdlog::level::info,  spdlog::level::warn,
+                                                           spdlog::level::err,   spdlog::level::critical};
+    return levels[static_cast<int>(level)];
+}
+
+} // namespace
+
+std::optional<Level> parseLevel(std::string_view name)
+{
+    static constexpr std::string_view names[] = {"trace", "debug", "info", "warn", "error", "critical"};
+    for (int i = 0; i < 6; ++i)
+        if (name == names[i])
+            return static_cast<Level>(i);
+    return std::nullopt;
+}
+
+bool enabled(Level level) noexcept
+{
+    return level >= threshold.load(std::memory_order_relaxed);
+}
+
+Scope::Scope(const Context& inner) : outer_(context)
+{
+    if (inner.diskseq != 0)
+        context.diskseq = inner.diskseq;
+    if (!inner.device.empty())
+        context.device = inner.device;
+    if (!inner.ref.empty())
+        context.ref = inner.ref;
+    if (inner.callerUid)
+        context.callerUid = inner.callerUid;
+    if (inner.request != 0)
+        context.request = inner.request;
+}
+
+Scope::~Scope()
+{
+    context = std::move(outer_);
+}
+
+const Context& current() noexcept
+{
+    return context;
+}
+
+std::string escaped(std::string_view text)
+{
+    std::string out;
+    out.reserve(text.size());
+    for (const char c : text) {
+        const auto byte = static_cast<unsigned char>(c);
+        if (byte >= 0x20 && byte != 0x7f && c != '\\')
+            out += c;
+        else if (c == '\n')
+            out += "\\n";
+        else if (c == '\t')
+            out += "\\t";
+        else if (c == '\\')
+            out += "\\\\";
+        else
+            out += fmt::format("\\x{:02x}", byte);
+    }
+    return out;
+}
+
+void write(Level level, std::string_view message, const std::source_location& where) noexcept
+{
+    try {
+        logger()->log(spdlog::source_loc{where.file_name(), static_cast<int>(where.line()), where.function_name()},
+                      spdlogLevel(level), escaped(message));
+    } catch (...) {
+        // Out of memory while logging: the line is lost, the caller goes on.
+    }
+}
+
+} // namespace loopd::log
 
 namespace loopd::service {
 namespace {
@@ -21,9 +127,27 @@ bool stderrIsJournal()
 
 } // namespace
 
-void setupLogging(log::Level threshold)
+std::optional<LogTarget> parseLogTarget(std::string_view name)
 {
-    log::config = {threshold, stderrIsJournal()};
+    if (name == "auto")
+        return LogTarget::Automatic;
+    if (name == "journal")
+        return LogTarget::Journal;
+    if (name == "console")
+        return LogTarget::Console;
+    return std::nullopt;
+}
+
+void setupLogging(log::Level threshold, LogTarget target)
+{
+    const bool journal = target == LogTarget::Journal || (target == LogTarget::Automatic && stderrIsJournal());
+    auto& logger = log::logger();
+    if (journal) {
+        logger = std::make_shared<spdlog::logger>("loopd", std::make_shared<JournalSink>());
+        logger->set_pattern("%v"); // the journal has the time and the level
+        logger->set_level(spdlog::level::trace);
+    }
+    log::threshold = threshold;
 }
 
 } // namespace loopd::service

@@ -25,6 +25,13 @@ int main(int argc, char** argv)
     app.add_option("--log-level", logLevel, "trace, debug, info, warn or error")
         ->capture_default_str()
         ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
+    std::string logTarget = "auto";
+    app.add_option("--log-target", logTarget,
+                   "journal (native protocol, with DISKSEQ=, LOOPD_DEVICE=, LOOPD_REF=, LOOPD_CALLER_UID= and "
+                   "LOOPD_REQUEST= fields), console (plain lines on stderr), or auto: the journal when stderr is "
+                   "systemd's journal stream (JOURNAL_STREAM)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"auto", "journal", "console"}));
     app.add_option("--receive-buffer", config.receiveBufferBytes,
                    "uevent socket receive buffer in bytes (small values force event loss, for tests)")
         ->capture_default_str()
@@ -72,7 +79,7 @@ int main(int argc, char** argv)
         return 2;
     }
 
-    loopd::service::setupLogging(*loopd::log::parseLevel(logLevel));
+    loopd::service::setupLogging(*loopd::log::parseLevel(logLevel), *loopd::service::parseLogTarget(logTarget));
 
     // One fd per held device (its LOCK_SH fd): the soft limit of 1024 would cap
     // loopd near 1000 devices with EMFILE for everyone. The hard limit is the

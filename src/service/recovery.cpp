@@ -116,7 +116,8 @@ bool Recovery::adopt(const core::Record& record)
     exportDevice(s_, stored);
     if (readded)
         readded_.push_back(diskseq);
-    log::info("adopted dev={} owner={}", stored.describe(), record.owner);
+    log::Scope about{stored.about()};
+    log::info("adopted dev={} owner={} uid={}", stored.describe(), record.owner, record.ownerUid);
     if (record.lifetime == Lifetime::Client)
         clients_.push_back(diskseq);
     return true;

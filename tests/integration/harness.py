@@ -42,12 +42,14 @@ import harness_checks
 import harness_clients
 import harness_env
 import harness_images
+import harness_journal
 import harness_runner
 from harness_base import *  # noqa: F401,F403
 from harness_checks import *  # noqa: F401,F403
 from harness_clients import *  # noqa: F401,F403
 from harness_env import *  # noqa: F401,F403
 from harness_images import *  # noqa: F401,F403
+from harness_journal import *  # noqa: F401,F403
 from harness_runner import *  # noqa: F401,F403
 # Private names that tests, tests/soak and tests/bench use (and the rest, for
 # scripts by hand that reached into the single-file harness).
@@ -60,7 +62,7 @@ from harness_images import _sfdisk_image  # noqa: F401
 from harness_runner import _on_sigterm  # noqa: F401
 
 _MODULES = (harness_base, harness_images, harness_clients, harness_checks, harness_env,
-            harness_runner)
+            harness_journal, harness_runner)
 
 __all__ = [name for m in _MODULES for name in m.__all__]
 

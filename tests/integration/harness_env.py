@@ -19,6 +19,7 @@ from harness_base import (BUS_NAME, DAEMON_START_LIMIT, LOOPD, MANAGER_IFACE, MA
 from harness_checks import (force_detach, loop_devices_backed_under,
                             unbound_loop_devices_with_partitions)
 from harness_images import IMAGE_MAKERS
+from harness_journal import Journald, journal_stream
 
 __all__ = ["BUS_CONFIG", "udevd_running", "Env", "Skip"]
 
@@ -105,16 +106,20 @@ class Env:
     if loopd died or misbehaved on SIGTERM, or if any loop device backed by the temp
     dir is left (after removing it)."""
 
-    def __init__(self, loopd_args=(), polkit=False, polkit_rules=None):
+    def __init__(self, loopd_args=(), polkit=False, polkit_rules=None, journal=False):
         """polkit=True also runs Debian's polkitd on the private bus: its bus policy
         is included, dbus/org.loopd1.policy goes to polkit's actions directory and
         `polkit_rules` (JavaScript, if given) to /etc/polkit-1/rules.d for the
         duration, under names of this process's own, and both are removed again at
         exit. The temp dir becomes searchable (0711) so that polkitd, which drops
-        to the polkitd user, and test users can reach the bus socket."""
+        to the polkitd user, and test users can reach the bus socket.
+        journal=True runs a systemd-journald (Journald) and gives loopd a journal
+        stream as stdout and stderr, with JOURNAL_STREAM set, as systemd does."""
         self.loopd_args = list(loopd_args)
         self.polkit = polkit
         self.polkit_rules = polkit_rules
+        self.journal = Journald() if journal else None
+        self._journal_entered = False
         self.polkitd = None
         self.installed = []  # files put outside the temp dir, removed at exit
         self.tmp = None
@@ -134,6 +139,9 @@ class Env:
             if self.polkit:
                 os.chmod(self.tmp, 0o711)
                 self._install_polkit_files()
+            if self.journal is not None:
+                self.journal.__enter__()
+                self._journal_entered = True
             self._start_bus()
             if self.polkit:
                 self._start_polkitd()
@@ -215,9 +223,16 @@ class Env:
         # on this machine, or a previous test, can neither adopt nor be adopted.
         args = ["--runtime-dir", os.path.join(self.tmp, "run"),
                 "--log-level", os.environ.get("LOOPD_LOG_LEVEL", "debug")]
-        with open(self.loopd_log, "a") as log:  # "a": restart_loopd() keeps the old log
-            self.loopd = subprocess.Popen([LOOPD, *args, *self.loopd_args], stdout=log,
-                                          stderr=subprocess.STDOUT)
+        if self.journal is not None:
+            stream, identity = journal_stream("loopd")
+            with stream:
+                self.loopd = subprocess.Popen([LOOPD, *args, *self.loopd_args], stdout=stream.fileno(),
+                                              stderr=stream.fileno(),
+                                              env={**os.environ, "JOURNAL_STREAM": identity})
+        else:
+            with open(self.loopd_log, "a") as log:  # "a": restart_loopd() keeps the old log
+                self.loopd = subprocess.Popen([LOOPD, *args, *self.loopd_args], stdout=log,
+                                              stderr=subprocess.STDOUT)
         # The one readiness poll: the daemon's start-up, not an attach.
         conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
         try:
@@ -329,6 +344,8 @@ class Env:
         os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
         if self.udevd_pid is not None:
             self._stop_udevd()
+        if self._journal_entered:
+            self.journal.__exit__(None, None, None)
         if self.tmp is not None:
             for devnode, backing in loop_devices_backed_under(self.tmp):
                 problems.append(f"leaked loop device {devnode} backed by {backing}")
@@ -348,7 +365,11 @@ class Env:
 
     def _print_log(self, path=None, name="loopd"):
         try:
-            text = read_text(path or self.loopd_log)
+            if path is None and self.journal is not None:
+                text = run("journalctl", "--no-pager", "-o", "short-precise", f"_PID={self.loopd.pid}",
+                           check=False).stdout
+            else:
+                text = read_text(path or self.loopd_log)
         except OSError:
             return
         print(f"# ---- {name} log ----")
