@@ -1,5 +1,6 @@
 #include "bus_objects.hpp"
 
+#include "device_objects.hpp"
 #include "errors.hpp"
 #include "kernel/loop_device.hpp"
 
@@ -24,19 +25,6 @@ core::OptionValue toOptionValue(const sdbus::Variant& variant)
     return core::OtherType{type};
 }
 
-// sdbus-c++ 1.2 drops the whole connection when a handler throws anything but
-// sdbus::Error: every handler goes through here.
-template <typename Result, typename F> void guarded(Result& result, const char* method, F&& body)
-{
-    try {
-        body();
-    } catch (...) {
-        const auto error = toDbusError(std::current_exception(), method);
-        log::warn("{} refused: {}", method, error.getMessage());
-        result.returnError(error);
-    }
-}
-
 // sdbus-c++ 1.2 shows no accessor for the message's flags; its raw sd-bus message
 // is a protected member, reached the standard way: through a pointer to member
 // named in a derived class.
@@ -45,9 +33,33 @@ struct RawMessage : sdbus::Message {
     {
         return static_cast<sd_bus_message*>(message.*(&RawMessage::msg_));
     }
+    static sdbus::internal::ISdBus* sdbusOf(const sdbus::Message& message) { return message.*(&RawMessage::sdbus_); }
+};
+
+// MethodCall's constructors from a raw message are protected: a derived class
+// calls one, and the call is sliced back to the MethodCall it is. The one taken
+// (Message's, which takes a reference) leaves out the connection, which only
+// calls loopd sends would need; its reply needs the message and sdbus only.
+struct AdoptedCall : sdbus::MethodCall {
+    AdoptedCall(sd_bus_message* call, sdbus::internal::ISdBus* sdbus) : MethodCall(call, sdbus) {}
 };
 
 } // namespace
+
+sd_bus_message* rawMessage(const sdbus::Message& message)
+{
+    return RawMessage::of(message);
+}
+
+sdbus::internal::ISdBus* sdbusOf(const sdbus::Message& message)
+{
+    return RawMessage::sdbusOf(message);
+}
+
+sdbus::MethodCall adoptCall(sd_bus_message* call, sdbus::internal::ISdBus* sdbus)
+{
+    return AdoptedCall(call, sdbus);
+}
 
 CallOrigin originOf(const sdbus::Message& message)
 {
@@ -82,10 +94,12 @@ ManagerObject::ManagerObject(sdbus::IConnection& connection, Handlers& handlers)
     : AdaptorInterfaces(connection, managerPath), handlers_(handlers)
 {
     registerAdaptor();
+    devices = std::make_unique<DeviceObjects>(getObject(), handlers);
 }
 
 ManagerObject::~ManagerObject()
 {
+    devices.reset();
     unregisterAdaptor();
 }
 
@@ -139,36 +153,6 @@ std::string ManagerObject::ReadinessSource()
 uint32_t ManagerObject::Devices()
 {
     return handlers_.deviceCount();
-}
-
-DeviceObject::DeviceObject(sdbus::IConnection& connection, DeviceProperties properties, Handlers& handlers)
-    : AdaptorInterfaces(connection, devicePath(properties.info.diskseq)), p_(std::move(properties)), handlers_(handlers)
-{
-    registerAdaptor();
-    emitInterfacesAddedSignal({org::loopd1::Device_adaptor::INTERFACE_NAME});
-}
-
-DeviceObject::~DeviceObject()
-{
-    try {
-        emitInterfacesRemovedSignal({org::loopd1::Device_adaptor::INTERFACE_NAME});
-    } catch (const sdbus::Error& e) {
-        log::warn("InterfacesRemoved not sent diskseq={}: {}", p_.info.diskseq, e.getMessage());
-    }
-    unregisterAdaptor();
-}
-
-void DeviceObject::Detach(VoidResult&& result, DbusOptions options)
-{
-    guarded(result, "Detach", [&] {
-        handlers_.detach(std::move(result), originOf(*getObject().getCurrentlyProcessedMessage()), p_.info.diskseq,
-                         toOptionMap(options));
-    });
-}
-
-std::string DeviceObject::DevNode()
-{
-    return kernel::loopDevNode(p_.info.number);
 }
 
 } // namespace loopd::service

@@ -1,5 +1,7 @@
 #include "daemon.hpp"
 
+#include "device_objects.hpp"
+
 #include "kernel/loop_device.hpp"
 
 #include "errors.hpp"

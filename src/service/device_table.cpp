@@ -1,6 +1,6 @@
 #include "device_table.hpp"
 
-#include "bus_objects.hpp"
+#include "device_objects.hpp"
 #include "kernel/loop_device.hpp"
 
 #include <loopd/error.hpp>

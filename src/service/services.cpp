@@ -1,6 +1,7 @@
 #include "services.hpp"
 
 #include "bus_objects.hpp"
+#include "device_objects.hpp"
 
 #include <loopd/log.hpp>
 
@@ -42,10 +43,8 @@ void exportDevice(Services& services, Device& device)
 {
     try {
         device.object = std::make_unique<DeviceObject>(
-            services.connection,
-            DeviceProperties{device.info, device.options.ref, device.ownerUid, lifetimeName(device.options.lifetime),
-                             device.readyTimestamp},
-            services.handlers);
+            *services.manager->devices, DeviceProperties{device.info, device.options.ref, device.ownerUid,
+                                                         lifetimeName(device.options.lifetime), device.readyTimestamp});
     } catch (const sdbus::Error& e) {
         log::error("cannot export device object diskseq={}: {}", device.info.diskseq, e.getMessage());
     }

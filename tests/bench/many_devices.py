@@ -24,12 +24,16 @@ def fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_mib(pid):
+def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+                return int(line.split()[1])
+    return 0
+
+
+def rss_mib(pid):
+    return rss_kib(pid) / 1024
 
 
 def attach_latency(env, rounds=10):
@@ -56,6 +60,7 @@ def main():
         pid = env.loopd.pid
         held, lock = [], threading.Lock()
         marks = sorted({0, count // 2, count})
+        rss = {}
         print("| held | loopd RSS (MiB) | loopd fds | attach median (ms, GPT 3 parts) | GetManagedObjects (ms) |")
         print("|---:|---:|---:|---:|---:|")
         try:
@@ -74,8 +79,13 @@ def main():
                 for w in workers:
                     w.join()
                 assert len(held) == mark, f"{len(held)} held, expected {mark}"
-                print(f"| {mark} | {rss_mib(pid):.2f} | {fds(pid)} | {attach_latency(env):.1f} | "
+                rss[mark] = rss_kib(pid)
+                print(f"| {mark} | {rss[mark] / 1024:.2f} | {fds(pid)} | {attach_latency(env):.1f} | "
                       f"{managed_objects_ms():.1f} |", flush=True)
+            # Memory is judged per attached device: the slope, not a total.
+            print(f"idle RSS {rss[0]:.0f} KiB; per device ({count} held - idle) / {count}: "
+                  f"{(rss[count] - rss[0]) / count:.2f} KiB; from {count // 2} to {count}: "
+                  f"{(rss[count] - rss[count // 2]) / (count - count // 2):.2f} KiB", flush=True)
         finally:
             def detach_some(i):
                 for diskseq in held[i::THREADS]:

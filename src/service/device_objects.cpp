@@ -1,0 +1,220 @@
+#include "device_objects.hpp"
+
+#include "kernel/loop_device.hpp"
+
+#include <loopd/log.hpp>
+
+#include <systemd/sd-bus.h>
+
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+
+namespace loopd::service {
+namespace {
+
+constexpr const char* deviceInterface = "org.loopd1.Device";
+constexpr std::string_view devicePrefix = "/org/loopd1/device";
+
+int append(sd_bus_message* reply, uint64_t value)
+{
+    return sd_bus_message_append_basic(reply, 't', &value);
+}
+
+int append(sd_bus_message* reply, uint32_t value)
+{
+    return sd_bus_message_append_basic(reply, 'u', &value);
+}
+
+int append(sd_bus_message* reply, bool value)
+{
+    const int boolean = value; // sd-bus's 'b' is an int
+    return sd_bus_message_append_basic(reply, 'b', &boolean);
+}
+
+int append(sd_bus_message* reply, const std::string& value)
+{
+    return sd_bus_message_append_basic(reply, 's', value.c_str());
+}
+
+int append(sd_bus_message* reply, const std::vector<std::string>& values)
+{
+    int r = sd_bus_message_open_container(reply, 'a', "s");
+    for (const auto& value : values)
+        if (r >= 0)
+            r = sd_bus_message_append_basic(reply, 's', value.c_str());
+    return r < 0 ? r : sd_bus_message_close_container(reply);
+}
+
+// A property getter: `value` reads it from the device's properties.
+template <auto value>
+int property(sd_bus*, const char*, const char*, const char*, sd_bus_message* reply, void* object, sd_bus_error* error)
+{
+    try {
+        return append(reply, value(static_cast<const DeviceObject*>(object)->properties()));
+    } catch (const std::exception& e) {
+        return sd_bus_error_set(error, SD_BUS_ERROR_FAILED, e.what());
+    }
+}
+
+std::optional<uint64_t> diskseqOf(std::string_view path)
+{
+    if (path.substr(0, devicePrefix.size()) != devicePrefix || path.size() < devicePrefix.size() + 2 ||
+        path[devicePrefix.size()] != '/')
+        return std::nullopt;
+    path.remove_prefix(devicePrefix.size() + 1);
+    uint64_t diskseq = 0;
+    const auto [end, ec] = std::from_chars(path.data(), path.data() + path.size(), diskseq);
+    if (ec != std::errc() || end != path.data() + path.size())
+        return std::nullopt;
+    return diskseq;
+}
+
+} // namespace
+
+// sd-bus's callbacks, C functions: nothing may be thrown through them.
+struct DeviceVtable {
+    static int find(sd_bus*, const char* path, const char*, void* objects, void** found, sd_bus_error*)
+    {
+        const auto& all = static_cast<DeviceObjects*>(objects)->objects_;
+        const auto diskseq = diskseqOf(path);
+        const auto it = diskseq ? all.find(*diskseq) : all.end();
+        if (it == all.end())
+            return 0;
+        *found = it->second;
+        return 1;
+    }
+
+    static int enumerate(sd_bus*, const char*, void* objects, char*** nodes, sd_bus_error*)
+    {
+        const auto& all = static_cast<DeviceObjects*>(objects)->objects_;
+        auto** list = static_cast<char**>(std::calloc(all.size() + 1, sizeof(char*)));
+        if (!list)
+            return -ENOMEM;
+        std::size_t i = 0;
+        for (const auto& [diskseq, object] : all)
+            if (!(list[i++] = ::strdup(devicePath(diskseq).c_str())))
+                return sd_bus_error_set_errno(nullptr, ENOMEM), freeList(list), -ENOMEM;
+        *nodes = list;
+        return 0;
+    }
+
+    static void freeList(char** list)
+    {
+        for (auto** p = list; *p; ++p)
+            std::free(*p);
+        std::free(list);
+    }
+
+    static int detach(sd_bus_message* message, void* found, sd_bus_error* error)
+    {
+        auto* object = static_cast<DeviceObject*>(found);
+        auto& objects = object->objects_;
+        try {
+            auto call = adoptCall(message, objects.sdbus_);
+            DbusOptions options;
+            call >> options;
+            const auto origin = originOf(call);
+            VoidResult result(std::move(call));
+            guarded(result, "Detach", [&] {
+                objects.handlers_.detach(std::move(result), origin, object->properties().info.diskseq,
+                                         toOptionMap(options));
+            });
+            return 1; // answered, now or later, through result
+        } catch (const sdbus::Error& e) {
+            return sd_bus_error_set(error, e.getName().c_str(), e.getMessage().c_str());
+        } catch (const std::exception& e) {
+            return sd_bus_error_set(error, SD_BUS_ERROR_FAILED, e.what());
+        }
+    }
+};
+
+namespace {
+
+using P = const DeviceProperties&;
+
+// org.loopd1.Device as dbus/org.loopd1.xml declares it (test_contract compares).
+constexpr uint64_t changes = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE;
+const sd_bus_vtable deviceVtable[] = {
+    SD_BUS_VTABLE_START(0),
+    SD_BUS_METHOD_WITH_ARGS("Detach", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT, DeviceVtable::detach,
+                            SD_BUS_VTABLE_UNPRIVILEGED),
+    SD_BUS_PROPERTY("DevNode", "s", property<[](P p) { return kernel::loopDevNode(p.info.number); }>, 0, changes),
+    SD_BUS_PROPERTY("DiskSeq", "t", property<[](P p) { return p.info.diskseq; }>, 0, changes),
+    SD_BUS_PROPERTY("Number", "u", property<[](P p) { return uint32_t{p.info.number}; }>, 0, changes),
+    SD_BUS_PROPERTY("BackingFile", "s", property<[](P p) { return p.info.backingFile; }>, 0, changes),
+    SD_BUS_PROPERTY("BackingDevice", "t", property<[](P p) { return uint64_t{p.info.backingDevice}; }>, 0, changes),
+    SD_BUS_PROPERTY("BackingInode", "t", property<[](P p) { return uint64_t{p.info.backingInode}; }>, 0, changes),
+    SD_BUS_PROPERTY("Offset", "t", property<[](P p) { return uint64_t{p.info.offset}; }>, 0, changes),
+    SD_BUS_PROPERTY("SizeLimit", "t", property<[](P p) { return uint64_t{p.info.sizeLimit}; }>, 0, changes),
+    SD_BUS_PROPERTY("Size", "t", property<[](P p) { return uint64_t{p.info.size}; }>, 0, changes),
+    SD_BUS_PROPERTY("SectorSize", "u", property<[](P p) { return uint32_t{p.info.sectorSize}; }>, 0, changes),
+    SD_BUS_PROPERTY("ReadOnly", "b", property<[](P p) { return p.info.readOnly; }>, 0, changes),
+    SD_BUS_PROPERTY("DirectIO", "b", property<[](P p) { return p.info.directIo; }>, 0, changes),
+    SD_BUS_PROPERTY("Autoclear", "b", property<[](P p) { return p.info.autoclear; }>, 0, changes),
+    SD_BUS_PROPERTY("PartScan", "b", property<[](P p) { return p.info.partscan; }>, 0, changes),
+    SD_BUS_PROPERTY("Partitions", "as", property<[](P p) { return partitionNodes(p.info); }>, 0, changes),
+    SD_BUS_PROPERTY("Ref", "s", property<[](P p) { return p.ref; }>, 0, changes),
+    SD_BUS_PROPERTY("OwnerUid", "u", property<[](P p) { return p.ownerUid; }>, 0, changes),
+    SD_BUS_PROPERTY("Lifetime", "s", property<[](P p) { return std::string(p.lifetime); }>, 0, changes),
+    SD_BUS_PROPERTY("ReadyTimestamp", "t", property<[](P p) { return p.readyTimestamp; }>, 0, changes),
+    SD_BUS_VTABLE_END,
+};
+
+} // namespace
+
+DeviceObjects::DeviceObjects(sdbus::IObject& manager, Handlers& handlers) : handlers_(handlers)
+{
+    // Any message made on the connection knows its bus.
+    const auto probe = manager.createSignal("org.loopd1.Manager", "DeviceRemoved");
+    sdbus_ = sdbusOf(probe);
+    bus_ = sd_bus_ref(sd_bus_message_get_bus(rawMessage(probe)));
+    int r = sd_bus_add_fallback_vtable(bus_, &vtable_, devicePrefix.data(), deviceInterface, deviceVtable,
+                                       DeviceVtable::find, this);
+    if (r >= 0)
+        r = sd_bus_add_node_enumerator(bus_, &enumerator_, devicePrefix.data(), DeviceVtable::enumerate, this);
+    if (r < 0) {
+        sd_bus_slot_unref(vtable_);
+        sd_bus_unref(bus_);
+        throw sdbus::Error(SD_BUS_ERROR_FAILED,
+                           std::string("cannot serve ") + devicePrefix.data() + ": " + std::strerror(-r));
+    }
+}
+
+DeviceObjects::~DeviceObjects()
+{
+    sd_bus_slot_unref(enumerator_);
+    sd_bus_slot_unref(vtable_);
+    sd_bus_unref(bus_);
+}
+
+DeviceObject::DeviceObject(DeviceObjects& objects, DeviceProperties properties)
+    : objects_(objects), p_(std::move(properties))
+{
+    objects_.objects_[p_.info.diskseq] = this;
+    const auto path = devicePath(p_.info.diskseq);
+    if (const int r = sd_bus_emit_interfaces_added(objects_.bus_, path.c_str(), deviceInterface, nullptr); r < 0)
+        log::warn("InterfacesAdded not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
+}
+
+DeviceObject::~DeviceObject()
+{
+    const auto path = devicePath(p_.info.diskseq);
+    if (const int r = sd_bus_emit_interfaces_removed(objects_.bus_, path.c_str(), deviceInterface, nullptr); r < 0)
+        log::warn("InterfacesRemoved not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
+    objects_.objects_.erase(p_.info.diskseq);
+}
+
+void DeviceObject::propertiesChanged(const std::vector<std::string>& names)
+{
+    std::vector<char*> list;
+    for (const auto& name : names)
+        list.push_back(const_cast<char*>(name.c_str()));
+    list.push_back(nullptr);
+    const auto path = devicePath(p_.info.diskseq);
+    if (const int r = sd_bus_emit_properties_changed_strv(objects_.bus_, path.c_str(), deviceInterface, list.data());
+        r < 0)
+        log::warn("PropertiesChanged not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
+}
+
+} // namespace loopd::service

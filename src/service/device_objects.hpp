@@ -1,0 +1,65 @@
+#pragma once
+
+#include "bus_objects.hpp"
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+struct sd_bus;
+struct sd_bus_slot;
+
+// The Device objects (/org/loopd1/device/<diskseq>), all served by one sd-bus
+// fallback vtable on the connection sdbus-c++ opened, found by their diskseq.
+//
+// Not one sdbus-c++ object per device: sdbus-c++ 1.2 builds a vtable, a map of
+// 19 property records with two std::functions each and sd-bus's member tables for
+// every object, about 7 KiB per device of loopd's 9 (massif, tests/bench/RESULTS.md).
+// The interface is the same for all devices, so one static table serves them, and
+// a device costs what loopd itself keeps of it. Loop thread only, as sdbus-c++.
+namespace loopd::service {
+
+class DeviceObjects;
+
+// One device on the bus: InterfacesAdded when made, InterfacesRemoved when gone.
+class DeviceObject {
+public:
+    DeviceObject(DeviceObjects& objects, DeviceProperties properties);
+    ~DeviceObject();
+    DeviceObject(const DeviceObject&) = delete;
+    DeviceObject& operator=(const DeviceObject&) = delete;
+
+    [[nodiscard]] const DeviceProperties& properties() const { return p_; }
+    // PropertiesChanged for these properties of org.loopd1.Device.
+    void propertiesChanged(const std::vector<std::string>& names);
+
+private:
+    friend struct DeviceVtable;
+
+    DeviceObjects& objects_;
+    DeviceProperties p_;
+};
+
+class DeviceObjects {
+public:
+    // Takes the connection's sd-bus from a message of the manager's object.
+    DeviceObjects(sdbus::IObject& manager, Handlers& handlers);
+    ~DeviceObjects();
+    DeviceObjects(const DeviceObjects&) = delete;
+    DeviceObjects& operator=(const DeviceObjects&) = delete;
+
+private:
+    friend class DeviceObject;
+    friend struct DeviceVtable;
+
+    sd_bus* bus_ = nullptr;
+    sdbus::internal::ISdBus* sdbus_ = nullptr; // to answer calls through sdbus::Result
+    sd_bus_slot* vtable_ = nullptr;
+    sd_bus_slot* enumerator_ = nullptr;
+    std::map<uint64_t, DeviceObject*> objects_;
+    Handlers& handlers_;
+};
+
+} // namespace loopd::service
