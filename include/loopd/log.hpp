@@ -10,7 +10,6 @@
 
 #include <cstdint>
 #include <optional>
-#include <source_location>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -53,19 +52,28 @@ const Context& current() noexcept;
 // with a newline never becomes a log line (or journal entry) of its own.
 std::string escaped(std::string_view text);
 
-// One message, escaped, with this thread's context. Never throws.
-void write(Level level, std::string_view message, const std::source_location& where) noexcept;
+// Where a message was logged (the journal's CODE_FILE=, CODE_LINE=, CODE_FUNC=).
+struct Where {
+    const char* file;
+    int line;
+    const char* function;
+};
 
-// A checked format string and the place of the call (the journal's CODE_FILE=,
-// CODE_LINE=, CODE_FUNC=).
+// One message, escaped, with this thread's context. Never throws.
+void write(Level level, std::string_view message, const Where& where) noexcept;
+
+// A checked format string and the place of the call. The builtins, not
+// std::source_location: clang 14 (the fuzz build) has no std::source_location
+// with libstdc++ 12; as default arguments they name the caller's place in both.
 template <typename... Args> struct Format {
     template <typename Text>
-    consteval Format(const Text& text, std::source_location where = std::source_location::current())
-        : text(text), where(where)
+    consteval Format(const Text& text, const char* file = __builtin_FILE(), int line = __builtin_LINE(),
+                     const char* function = __builtin_FUNCTION())
+        : text(text), where{file, line, function}
     {
     }
     fmt::format_string<Args...> text;
-    std::source_location where;
+    Where where;
 };
 
 // log::info("...", args), log::warn(...): one callable per level.

@@ -100,11 +100,10 @@ std::string escaped(std::string_view text)
     return out;
 }
 
-void write(Level level, std::string_view message, const std::source_location& where) noexcept
+void write(Level level, std::string_view message, const Where& where) noexcept
 {
     try {
-        logger()->log(spdlog::source_loc{where.file_name(), static_cast<int>(where.line()), where.function_name()},
-                      spdlogLevel(level), escaped(message));
+        logger()->log(spdlog::source_loc{where.file, where.line, where.function}, spdlogLevel(level), escaped(message));
     } catch (...) {
         // Out of memory while logging: the line is lost, the caller goes on.
     }
