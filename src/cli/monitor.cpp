@@ -104,8 +104,12 @@ private:
             pollfd fds[] = {{poll.fd, static_cast<short>(poll.events), 0}, {signals.get(), POLLIN, 0}};
             if (::poll(fds, 2, poll.getPollTimeout()) < 0 && errno != EINTR)
                 throw Failure(std::string("poll: ") + std::strerror(errno));
-            if (fds[1].revents & POLLIN)
+            if (fds[1].revents & POLLIN) {
+                // What loopd sent before the signal still gets its line.
+                while (connection_.processPendingRequest() && !failure_) {
+                }
                 return 0;
+            }
         }
     }
 
