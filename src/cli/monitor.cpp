@@ -38,10 +38,11 @@ public:
     {
         subscribe();
         // Subscribed first, then asked: a device that becomes ready in between is
-        // reported by its signal, and none is missed.
-        owner_ = nameOwner();
+        // reported by its signal, and none is missed. The first call starts loopd
+        // if the bus can activate it.
         for (const auto& device : listDevices(connection_))
             known_[device.object] = {device.text("DevNode"), device.u64("DiskSeq")};
+        owner_ = nameOwner();
         std::cerr << "Monitoring loopd (" << busName << ", " << owner_ << "); Ctrl-C to stop." << std::endl;
         return loop();
     }
