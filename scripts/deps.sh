@@ -5,7 +5,7 @@ packages=(
   libfmt-dev libspdlog-dev catch2 libcli11-dev nlohmann-json3-dev
   dbus udev fdisk util-linux python3 python3-dbus python3-gi
   systemd libdbus-1-dev libpolkit-gobject-1-dev polkitd
-  fuse3 python3-fusepy
+  fuse3 python3-fusepy bash-completion
 )
 # Only scripts/test and scripts/fuzz need these (libFuzzer's runtime is in
 # libclang-rt-14-dev); they add them to packages before install_missing.

@@ -1,18 +1,14 @@
 #pragma once
 
+#include "errors.hpp"
+
 #include <cstdint>
 #include <optional>
-#include <stdexcept>
 #include <string>
 
 // What `loopctl attach` is asked to do: its command line, completed by an image
 // configuration file (loopd-image@NAME.service).
 namespace loopctl {
-
-// A usage error (bad configuration file); exit status 2.
-struct UsageError : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
 
 struct AttachArgs {
     std::string image;

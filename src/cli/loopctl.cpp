@@ -1,12 +1,15 @@
 // loopctl: the command-line client of loopd (org.loopd1 on the system bus).
 #include "attach_args.hpp"
+#include "devices.hpp"
+#include "list.hpp"
+#include "monitor.hpp"
 #include "org.loopd1-proxy.h"
+#include "status.hpp"
 
 #include <loopd/signals.hpp>
 #include <loopd/unique_fd.hpp>
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 #include <sdbus-c++/sdbus-c++.h>
 #include <systemd/sd-daemon.h>
 
@@ -17,6 +20,7 @@
 
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -26,21 +30,15 @@
 namespace {
 
 using loopctl::AttachArgs;
+using loopctl::busName;
+using loopctl::deviceInterface;
+using loopctl::Failure;
+using loopctl::Json;
+using loopctl::managerPath;
 using loopctl::UsageError;
 
-using Json = nlohmann::ordered_json;
 using Options = std::map<std::string, sdbus::Variant>;
-using Properties = std::map<std::string, sdbus::Variant>;
 using AttachReply = std::tuple<sdbus::ObjectPath, std::string, uint64_t, std::vector<std::string>>;
-
-constexpr const char* busName = "org.loopd1";
-constexpr const char* managerPath = "/org/loopd1";
-constexpr const char* deviceInterface = "org.loopd1.Device";
-
-// A failure with a message for stderr; exit status 1.
-struct Failure : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
 
 class Manager final : public sdbus::ProxyInterfaces<org::loopd1::Manager_proxy> {
 public:
@@ -65,72 +63,6 @@ private:
     std::optional<uint64_t> watched_;
     std::optional<std::string> removed_;
 };
-
-Json toJson(const sdbus::Variant& value)
-{
-    const auto type = value.peekValueType();
-    if (type == "s" || type == "o")
-        return value.get<std::string>();
-    if (type == "t")
-        return value.get<uint64_t>();
-    if (type == "u")
-        return value.get<uint32_t>();
-    if (type == "b")
-        return value.get<bool>();
-    if (type == "as")
-        return value.get<std::vector<std::string>>();
-    return "(" + type + ")";
-}
-
-std::string toText(const sdbus::Variant& value)
-{
-    const auto json = toJson(value);
-    if (json.is_string())
-        return json.get<std::string>();
-    if (json.is_array()) {
-        std::string joined;
-        for (const auto& item : json)
-            joined += (joined.empty() ? "" : " ") + item.get<std::string>();
-        return joined;
-    }
-    return json.dump();
-}
-
-// Every loopd device with its properties, keyed by object path.
-std::map<sdbus::ObjectPath, Properties> listDevices(sdbus::IConnection& connection)
-{
-    auto proxy = sdbus::createProxy(connection, busName, managerPath);
-    std::map<sdbus::ObjectPath, std::map<std::string, Properties>> objects;
-    proxy->callMethod("GetManagedObjects").onInterface("org.freedesktop.DBus.ObjectManager").storeResultsTo(objects);
-    std::map<sdbus::ObjectPath, Properties> devices;
-    for (auto& [path, interfaces] : objects)
-        if (const auto it = interfaces.find(deviceInterface); it != interfaces.end())
-            devices.emplace(path, std::move(it->second));
-    return devices;
-}
-
-// A device named by devnode, diskseq (all digits) or ref, in that order (API.md):
-// a ref is never all digits, and an empty name names nothing.
-std::pair<sdbus::ObjectPath, Properties> findDevice(sdbus::IConnection& connection, const std::string& name)
-{
-    const bool digits = !name.empty() && name.find_first_not_of("0123456789") == std::string::npos;
-    const char* key = name.rfind("/dev/", 0) == 0 ? "DevNode" : digits ? "DiskSeq" : "Ref";
-    // Several objects may show one devnode for a moment (an attachment still being
-    // detached, and the newer one on its number): the newest is meant.
-    std::pair<sdbus::ObjectPath, Properties> found;
-    uint64_t newest = 0; // diskseqs start at 1
-    for (auto& [path, props] : listDevices(connection)) {
-        const auto diskseq = props.at("DiskSeq").get<uint64_t>();
-        const auto value = digits ? std::to_string(diskseq) : toText(props.at(key));
-        if (!name.empty() && value == name && diskseq > newest) {
-            found = {path, props};
-            newest = diskseq;
-        }
-    }
-    if (newest)
-        return found;
-    throw Failure("org.loopd1.Error.NotFound: no loopd device '" + name + "'");
-}
 
 void printReady(const AttachReply& reply, bool json)
 {
@@ -225,11 +157,6 @@ void hold(sdbus::IConnection& connection, Manager& manager, uint64_t diskseq)
 
 int attach(sdbus::IConnection& connection, const AttachArgs& args)
 {
-    if (args.hold) { // before any thread exists, so only the signalfd gets them
-        const sigset_t mask = loopd::stopSignals();
-        if (const int err = pthread_sigmask(SIG_BLOCK, &mask, nullptr); err != 0)
-            throw Failure(std::string("pthread_sigmask: ") + std::strerror(err));
-    }
     Manager manager(connection);
     AttachReply reply;
     if (auto opened = openImage(args)) {
@@ -259,8 +186,7 @@ int attach(sdbus::IConnection& connection, const AttachArgs& args)
 
 int detach(sdbus::IConnection& connection, const std::string& name)
 {
-    const auto [path, props] = findDevice(connection, name);
-    Manager(connection).Detach(props.at("DiskSeq").get<uint64_t>(), {});
+    Manager(connection).Detach(loopctl::findDevice(connection, name).u64("DiskSeq"), {});
     return 0;
 }
 
@@ -270,42 +196,13 @@ int wait(sdbus::IConnection& connection, const std::string& name, double timeout
     return 0;
 }
 
-int status(sdbus::IConnection& connection, const std::string& name, bool json)
+int status(sdbus::IConnection& connection, const std::string& name, bool json, unsigned lines)
 {
-    const auto [path, props] = findDevice(connection, name);
-    if (json) {
-        Json out{{"Object", std::string(path)}};
-        for (const auto& [key, value] : props)
-            out[key] = toJson(value);
-        std::cout << out.dump(2) << std::endl;
-        return 0;
-    }
-    std::cout << path << '\n';
-    for (const auto& [key, value] : props)
-        std::cout << "  " << key << ": " << toText(value) << '\n';
-    return 0;
-}
-
-int list(sdbus::IConnection& connection, bool json)
-{
-    const auto devices = listDevices(connection);
-    if (json) {
-        Json out = Json::array();
-        for (const auto& [path, props] : devices) {
-            Json device{{"Object", std::string(path)}};
-            for (const auto& [key, value] : props)
-                device[key] = toJson(value);
-            out.push_back(device);
-        }
-        std::cout << out.dump(2) << std::endl;
-        return 0;
-    }
-    std::printf("%-14s %-10s %-16s %-5s %s\n", "DEVICE", "DISKSEQ", "REF", "PARTS", "BACKING-FILE");
-    for (const auto& [path, props] : devices)
-        std::printf("%-14s %-10llu %-16s %-5zu %s\n", toText(props.at("DevNode")).c_str(),
-                    static_cast<unsigned long long>(props.at("DiskSeq").get<uint64_t>()),
-                    toText(props.at("Ref")).c_str(), props.at("Partitions").get<std::vector<std::string>>().size(),
-                    toText(props.at("BackingFile")).c_str());
+    const auto device = loopctl::findDevice(connection, name);
+    if (json)
+        std::cout << loopctl::deviceJson(device).dump(2, ' ', false, Json::error_handler_t::replace) << '\n';
+    else
+        loopctl::printStatus(std::cout, device, lines);
     return 0;
 }
 
@@ -320,6 +217,20 @@ void reportToSystemd(bool hold, const std::string& error)
     sd_notify_barrier(0, 5'000'000);
 }
 
+constexpr const char* exitStatusHelp =
+    "Exit status: 0 success; 1 failure (the D-Bus error name and message, e.g.\n"
+    "org.loopd1.Error.NotFound: ..., on stderr, after everything printed before it);\n"
+    "2 usage error (a bad command line or --config file).";
+
+// Everything printed so far goes out before an error message: with both streams
+// on one pipe or file, lines then appear in the order they happened.
+void printError(const std::string& message)
+{
+    std::cout.flush();
+    std::fflush(stdout);
+    std::cerr << message << std::endl;
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -327,10 +238,13 @@ int main(int argc, char** argv)
     CLI::App app{"loopctl - attach and detach loop devices through loopd.\n"
                  "Replies mean ready: the device and all its partitions exist and udev has processed them."};
     app.require_subcommand(1);
+    app.footer(exitStatusHelp);
     AttachArgs attachArgs;
     std::string name;
     double timeout = 10;
     bool json = false;
+    unsigned lines = 10;
+    loopctl::ListOptions listOptions;
 
     auto* attachCmd = app.add_subcommand("attach", "attach IMAGE; print the device node, then its partitions");
     attachCmd->add_option("IMAGE", attachArgs.image, "image file or block device (or image = in --config)");
@@ -351,14 +265,30 @@ int main(int argc, char** argv)
 
     auto* detachCmd = app.add_subcommand("detach", "detach a loopd device; returns once it is released");
     detachCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
-    auto* listCmd = app.add_subcommand("list", "list loopd devices");
-    listCmd->add_flag("--json", json, "print a JSON array");
+
+    std::string columnsHelp = "columns to show, comma-separated (default " + std::string(loopctl::defaultListColumns) +
+                              "; +COL adds to those):";
+    for (const auto& column : loopctl::listColumns())
+        columnsHelp += " " + column;
+    auto* listCmd = app.add_subcommand("list", "list loopd devices, by loop number");
+    listCmd->add_option("-o,--output", listOptions.columns, columnsHelp);
+    listCmd->add_flag("-n,--noheadings", listOptions.noHeadings, "print no header line");
+    listCmd->add_flag("-r,--raw", listOptions.raw, "one space between fields, spaces and control bytes as \\xHH");
+    listCmd->add_flag("-b,--bytes", listOptions.bytes, "SIZE in bytes");
+    listCmd->add_flag("--json", listOptions.json, "print a JSON array of the devices' properties");
+
     auto* waitCmd = app.add_subcommand("wait", "wait until a loopd device is ready");
     waitCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
     waitCmd->add_option("--timeout", timeout, "seconds")->capture_default_str();
-    auto* statusCmd = app.add_subcommand("status", "show a loopd device's properties");
+
+    auto* statusCmd = app.add_subcommand("status", "show a loopd device, its partitions and its latest log lines");
     statusCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
-    statusCmd->add_flag("--json", json, "print a JSON object");
+    statusCmd->add_option("-n,--lines", lines, "journal lines to show (0: none)")->capture_default_str();
+    statusCmd->add_flag("--json", json, "print the properties as a JSON object");
+
+    auto* monitorCmd = app.add_subcommand(
+        "monitor", "print loopd's events as they happen (ready, removed, changed) until Ctrl-C or loopd stops");
+    monitorCmd->add_flag("--json", json, "one JSON object per line");
 
     try {
         app.parse(argc, argv);
@@ -372,13 +302,20 @@ int main(int argc, char** argv)
             readConfig(attachArgs);
         else if (*attachCmd && attachArgs.image.empty())
             throw UsageError("attach: IMAGE or --config is required");
+        if (*listCmd && !listOptions.json) // an unknown column is a usage error, before any call
+            loopctl::checkColumns(listOptions.columns);
     } catch (const UsageError& e) {
-        std::cerr << e.what() << std::endl;
+        printError(e.what());
         reportToSystemd(attachArgs.hold, e.what());
         return 2;
     }
 
     try {
+        if (attachArgs.hold || *monitorCmd) { // before any thread exists, so only their signalfd gets them
+            const sigset_t mask = loopd::stopSignals();
+            if (const int err = pthread_sigmask(SIG_BLOCK, &mask, nullptr); err != 0)
+                throw Failure(std::string("pthread_sigmask: ") + std::strerror(err));
+        }
         auto connection = sdbus::createSystemBusConnection();
         // The daemon's own deadline decides; the bus call only must not give up first.
         const double callSeconds = std::max(timeout, attachArgs.timeout.value_or(10)) + 30;
@@ -387,16 +324,20 @@ int main(int argc, char** argv)
             return attach(*connection, attachArgs);
         if (*detachCmd)
             return detach(*connection, name);
-        if (*listCmd)
-            return list(*connection, json);
+        if (*listCmd) {
+            loopctl::printList(std::cout, loopctl::listDevices(*connection), listOptions);
+            return 0;
+        }
         if (*waitCmd)
             return wait(*connection, name, timeout);
-        return status(*connection, name, json);
+        if (*monitorCmd)
+            return loopctl::monitor(*connection, json);
+        return status(*connection, name, json, lines);
     } catch (const sdbus::Error& e) {
-        std::cerr << e.getName() << ": " << e.getMessage() << std::endl;
+        printError(e.getName() + ": " + e.getMessage());
         reportToSystemd(attachArgs.hold, e.getName() + ": " + e.getMessage());
     } catch (const std::exception& e) {
-        std::cerr << e.what() << std::endl;
+        printError(e.what());
         reportToSystemd(attachArgs.hold, e.what());
     }
     return 1;

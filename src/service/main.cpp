@@ -58,6 +58,8 @@ int main(int argc, char** argv)
                    "prefixed 'kernel:', the kernel's events instead");
     app.add_option("--test-seed", config.drops.seed, "TESTS ONLY: seed for --test-drop random:P");
     app.set_version_flag("--version", LOOPD_VERSION);
+    app.footer("Exit status: 0 after SIGTERM or SIGINT (devices stay attached and are adopted by the next start);\n"
+               "1 on a failure to start or to run (the reason on stderr or in the journal); 2 usage error.");
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

@@ -1,7 +1,8 @@
 """Install and unit checks, no manager needed:
 
 - `meson install --destdir` of the build: every file lands where the system's
-  pkg-config files (systemd, dbus-1, polkit-gobject-1) say, binaries under prefix,
+  pkg-config files (systemd, dbus-1, polkit-gobject-1, bash-completion) say,
+  binaries under prefix,
   and the installed units and activation file name the installed binaries.
 - A fresh configure with every location option overridden installs there instead.
 - `systemd-analyze verify` passes, without a single warning, on every unit.
@@ -55,6 +56,7 @@ def expected_files(options):
     interfaces = options["dbus_interfaces_dir"] or pkg("dbus-1", "interfaces_dir")
     polkit = options["polkit_actions_dir"] or pkg("polkit-gobject-1", "policydir")
     images = options["images_config_dir"] or os.path.join(under(options["sysconfdir"]), "loopd/images")
+    completions = options["bash_completions_dir"] or pkg("bash-completion", "completionsdir")
     return {
         "loopd": os.path.join(under(options["sbindir"]), "loopd"),
         "loopctl": os.path.join(under(options["bindir"]), "loopctl"),
@@ -65,6 +67,7 @@ def expected_files(options):
         "interface": os.path.join(interfaces, "org.loopd1.xml"),
         "polkit": os.path.join(polkit, "org.loopd1.policy"),
         "images": images,
+        "completion": os.path.join(completions, "loopctl"),
     }
 
 
@@ -108,13 +111,14 @@ def test_install_locations_can_be_overridden(env):
         "dbus_interfaces_dir": "/x/dbus/interfaces",
         "polkit_actions_dir": "/x/polkit",
         "images_config_dir": "/x/images",
+        "bash_completions_dir": "/x/completions",
     }
     build = env.path("build")
     run("meson", "setup", build, SRC, *[f"-D{k}={v}" for k, v in overrides.items()], timeout=300)
     destdir = env.path("root")
     # Only the configured files: no need to compile anything for where they land.
     run("meson", "install", "-C", build, "--destdir", destdir, "--no-rebuild", "--quiet",
-        "--tags", "systemd,dbus,polkit,config")
+        "--tags", "systemd,dbus,polkit,config,completion")
     options = build_options(build)
     assert all(options[k] == v for k, v in overrides.items()), options
     files = expected_files(options)
