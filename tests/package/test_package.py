@@ -83,8 +83,13 @@ def expected_files():
 # --------------------------------------------------------------------------- dpkg
 
 def dpkg_status(package):
+    """dpkg's two-letter state ("ii" installed, "un"/"pn" not), "" if unknown."""
     p = run("dpkg-query", "-W", "-f=${db:Status-Abbrev}", package, check=False)
     return p.stdout.strip() if p.returncode == 0 else ""
+
+
+def not_installed(package):
+    return dpkg_status(package) in ("", "un", "pn")
 
 
 def deb_paths(deb):
@@ -202,7 +207,9 @@ def run_installed(m, image_name):
     """Attach and detach through busctl, loopctl and an image unit; restart loopd
     in between. m: the manager; image_name: NAME of loopd-image@NAME."""
     os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = m.bus_address  # the harness's busctl and loopctl
-    assert m.show("loopd.service", "FragmentPath")["FragmentPath"].endswith("/loopd.service")
+    for unit in ("loopd.service", f"loopd-image@{image_name}.service"):
+        fragment = os.path.realpath(m.show(unit, "FragmentPath")["FragmentPath"])
+        assert os.path.dirname(fragment) == os.path.realpath(unit_dir()), f"{unit} is loaded from {fragment}, not the installed file"
     assert m.show("loopd.service", "ActiveState")["ActiveState"] == "inactive"
 
     # busctl: the call activates the installed loopd.service.
@@ -211,6 +218,7 @@ def run_installed(m, image_name):
     diskseq_a = verify_reply(reply_a, a)
     pid, exe = main_pid_exe(m, "loopd.service")
     assert exe == SBIN_LOOPD, f"org.loopd1 is served by {exe}, not the installed {SBIN_LOOPD}"
+    print(f"# busctl: {reply_a['devnode']} diskseq {diskseq_a}, served by {exe} (pid {pid})")
 
     # /usr/bin/loopctl.
     b = harness.make_mbr2(m.path("b.img"))
@@ -229,11 +237,13 @@ def run_installed(m, image_name):
     diskseq_c = int(read_text(f"/sys/block/{loop_name(devnode_c)}/diskseq"))
     verify_ready(devnode_c, diskseq_c, c.nparts, c.table_uuid)
     holder = m.show(image_unit, "MainPID", "ActiveState")
+    print(f"# loopctl: {reply_b['devnode']} diskseq {diskseq_b}; {image_unit}: {devnode_c} diskseq {diskseq_c}")
 
     # What the postinst does on an upgrade: every device stays, adopted.
     m.systemctl("restart", "loopd.service")
     new_pid, exe = main_pid_exe(m, "loopd.service")
     assert new_pid != pid and exe == SBIN_LOOPD, (pid, new_pid, exe)
+    print(f"# restarted loopd.service: pid {pid} -> {new_pid}; {image_unit} kept pid {holder['MainPID']}")
     assert m.show(image_unit, "MainPID", "ActiveState") == holder, \
         f"restarting loopd.service restarted {image_unit}: {holder} -> {m.show(image_unit, 'MainPID', 'ActiveState')}"
     assert device_diskseq(m, reply_a["device"]) == diskseq_a, "busctl's device not adopted under its object"
@@ -294,13 +304,13 @@ def back_up_unowned(paths, store):
 
 def purge_and_check(listed, dirs_before, files_before, saved):
     dpkg("--purge", PACKAGE)
-    assert dpkg_status(PACKAGE) in ("", "un ", "pn "), f"after purge: dpkg status {dpkg_status(PACKAGE)!r}"
+    assert not_installed(PACKAGE), f"after purge: dpkg status {dpkg_status(PACKAGE)!r}"
     left = []
     for path in sorted(listed):
-        if not os.path.lexists(path) or path in saved:
+        if not os.path.lexists(path) or path in saved or path == "/.":
             continue
-        if os.path.isdir(path) and not os.path.islink(path) and path in dirs_before:
-            continue  # a directory that was there before (/usr/share/man/man8, ...)
+        if path in dirs_before:
+            continue  # a directory that was there before (/usr/share/man/man8, /lib -> usr/lib)
         left.append(path)
     assert not left, f"dpkg --purge left files of dpkg -L {PACKAGE}: {left}"
     new = loopd_named_files() - files_before
@@ -315,7 +325,7 @@ def main():
         print(__doc__)
         sys.exit(2)
     deb = os.path.abspath(sys.argv[1])
-    if dpkg_status(PACKAGE) not in ("", "un ", "pn "):
+    if not not_installed(PACKAGE):
         print(f"FAIL: package {PACKAGE} is installed already ({dpkg_status(PACKAGE)!r}); "
               f"this test installs and purges it, so it leaves yours alone")
         sys.exit(1)
@@ -330,7 +340,7 @@ def main():
     listed = None
     try:
         steps.run("dpkg -i", dpkg, "-i", deb)
-        if dpkg_status(PACKAGE) == "ii ":
+        if dpkg_status(PACKAGE) == "ii":
             listed = steps.run("installed files", check_installed_files)
             steps.run("maintainer scripts", check_maintainer_scripts)
 
@@ -349,7 +359,7 @@ def main():
             os.unlink(conf)
         if listed is None:
             listed = set(run("dpkg", "-L", PACKAGE, check=False).stdout.split())
-        if dpkg_status(PACKAGE) not in ("", "un ", "pn "):
+        if not not_installed(PACKAGE):
             steps.run("dpkg --purge leaves nothing", purge_and_check, listed, dirs_before, files_before, saved)
         for path, copy in saved.items():
             if not os.path.exists(path):
