@@ -32,6 +32,7 @@ Root; exits 77 otherwise. Uses loop devices and udevd: run it under
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -327,6 +328,8 @@ def main():
         print(__doc__)
         sys.exit(2)
     deb = os.path.abspath(sys.argv[1])
+    # SIGTERM (a timeout) unwinds like a failure: the package is still purged.
+    signal.signal(signal.SIGTERM, harness._on_sigterm)
     if not not_installed(PACKAGE):
         print(f"FAIL: package {PACKAGE} is installed already ({dpkg_status(PACKAGE)!r}); "
               f"this test installs and purges it, so it leaves yours alone")
