@@ -5,11 +5,15 @@ packages=(
   libfmt-dev libspdlog-dev catch2 libcli11-dev nlohmann-json3-dev
   dbus udev fdisk util-linux python3 python3-dbus python3-gi
   systemd libdbus-1-dev libpolkit-gobject-1-dev polkitd
-  fuse3 python3-fusepy bash-completion
+  fuse3 python3-fusepy bash-completion scdoc
 )
 # Only scripts/test and scripts/fuzz need these (libFuzzer's runtime is in
 # libclang-rt-14-dev); they add them to packages before install_missing.
 fuzz_packages=(clang libclang-rt-14-dev)
+# Only scripts/package and scripts/test (its package pass) need these:
+# dpkg-buildpackage's helpers and the package checker (dpkg-dev comes with
+# build-essential).
+package_packages=(debhelper lintian)
 
 install_missing() {
   local missing=()

@@ -192,6 +192,36 @@ def test_image_unit_fails_when_its_device_goes(m):
     assert unit["Result"] == "exit-code" and "removed (detached)" in unit["StatusText"], unit
 
 
+def test_restart_of_loopd_keeps_image_devices(m):
+    """`systemctl restart loopd.service` (what the package's postinst does on an
+    upgrade) keeps the image unit running and its device attached: the new loopd
+    adopts it under the same diskseq, and a later stop still detaches it."""
+    image, _ = make_image_with_marker(m)
+    m.image_config("t5", f"image = {image.path}\n")
+    m.reload()
+    m.systemctl("start", "loopd-image@t5.service")
+    devnode = os.readlink(m.by_ref("t5"))
+    diskseq = int(read_text(f"/sys/block/{loop_name(devnode)}/diskseq"))
+    holder = m.show("loopd-image@t5.service", "MainPID", "ActiveState")
+    loopd_pid = m.show("loopd.service", "MainPID")["MainPID"]
+
+    m.systemctl("restart", "loopd.service")
+    assert m.show("loopd.service", "MainPID")["MainPID"] != loopd_pid, "loopd.service did not restart"
+    now = m.show("loopd-image@t5.service", "MainPID", "ActiveState")
+    assert now == holder, f"restarting loopd.service restarted the image unit: {holder} -> {now}"
+    obj = f"/org/loopd1/device/{diskseq}"
+    adopted = json.loads(m.busctl("--json=short", "get-property", "org.loopd1", obj,
+                                  "org.loopd1.Device", "DiskSeq").stdout)["data"]
+    assert adopted == diskseq, f"{obj} not adopted by the new loopd: {adopted}"
+    verify_ready(devnode, diskseq, image.nparts, image.table_uuid)
+    assert os.readlink(m.by_ref("t5")) == devnode
+
+    m.systemctl("stop", "loopd-image@t5.service")
+    verify_detached(devnode, diskseq)
+    unit = m.show("loopd-image@t5.service", "ActiveState", "Result")
+    assert unit == {"ActiveState": "inactive", "Result": "success"}, unit
+
+
 def test_bus_activation_starts_hardened_loopd(m):
     """A call to org.loopd1 with loopd not running: dbus-daemon asks systemd for
     SystemdService=loopd.service, systemd starts it (Type=dbus: active once it owns

@@ -132,6 +132,9 @@ class UserManager:
     a private bus run by it, udevd. Fails the test on exit if a loop device backed
     by the temp dir is left (after removing it)."""
 
+    # The bus policy the private bus includes.
+    policy_file = harness.POLICY_FILE
+
     def __init__(self):
         self.tmp = None
         self.proc = None
@@ -189,8 +192,13 @@ class UserManager:
                     "--nofork --nopidfile --systemd-activation\n")
         with open(self.path("bus.conf"), "w") as f:
             f.write(BUS_CONFIG.format(listen="systemd:", services=self.services,
-                                      policy=harness.POLICY_FILE))
-        # The project's own units and activation file, with build-tree binaries.
+                                      policy=self.policy_file))
+        self._write_project_units()
+
+    def _write_project_units(self):
+        """The project's own units and activation file, with build-tree binaries.
+        (tests/package/ puts the installed ones here instead.)"""
+        u = self.units
         generate(os.path.join(SRC, "systemd-units/loopd.service.in"),
                  os.path.join(u, "loopd.service"), sbindir=BUILD)
         generate(os.path.join(SRC, "systemd-units/loopd-image@.service.in"),
