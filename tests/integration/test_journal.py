@@ -13,7 +13,7 @@ import re
 
 import dbus
 
-from harness import (Journald, busctl_detach, detach_quietly, expect_error, main, pydbus_attach,
+from harness import (LOOPCTL, Journald, busctl_detach, detach_quietly, expect_error, main, pydbus_attach,
                      pydbus_call, pydbus_options, run, verify_detached, verify_reply)
 
 
@@ -114,6 +114,26 @@ def test_refused_detach_is_in_the_story(env):
         if mounted:
             run("umount", mnt)
         detach_quietly(diskseq)
+
+
+def test_status_ends_with_the_story(env):
+    """`loopctl status REF` ends, like `systemctl status`, with the last lines of
+    that attachment's journal, and only of that attachment."""
+    other = pydbus_attach(env.image("none").path, pydbus_options())
+    image = env.image("gpt3")
+    reply = pydbus_attach(image.path, pydbus_options(ref=dbus.String("told")))
+    try:
+        verify_reply(reply, image)
+        entries = story(env, reply["diskseq"])
+        configured = one(entries, r"^configured ", "configured")["MESSAGE"]
+        out = run(LOOPCTL, "status", "told").stdout
+        assert configured in out, f"loopctl status does not end with the device's journal:\n{out}"
+        assert f"diskseq={other['diskseq']}" not in out, f"another device's lines in its status:\n{out}"
+        quiet = run(LOOPCTL, "status", "--lines", "0", "told").stdout
+        assert configured not in quiet, f"--lines 0 still shows journal lines:\n{quiet}"
+    finally:
+        detach_quietly(reply["diskseq"])
+        detach_quietly(other["diskseq"])
 
 
 def test_forged_line_is_one_escaped_entry(env):
