@@ -106,7 +106,11 @@ struct DeviceVtable {
         std::free(list);
     }
 
-    static int detach(sd_bus_message* message, void* found, sd_bus_error* error)
+    // A Device method: (a{sv} options) in, answered now or later through Result
+    // by the daemon's handler, like the Manager's methods.
+    template <typename Result, void (Handlers::*handle)(Result&&, const CallOrigin&, uint64_t, core::OptionMap),
+              const char* name>
+    static int method(sd_bus_message* message, void* found, sd_bus_error* error)
     {
         auto* object = static_cast<DeviceObject*>(found);
         auto& objects = object->objects_;
@@ -115,10 +119,10 @@ struct DeviceVtable {
             DbusOptions options;
             call >> options;
             const auto origin = originOf(call);
-            VoidResult result(std::move(call));
-            guarded(result, "Detach", [&] {
-                objects.handlers_.detach(std::move(result), origin, object->properties().info.diskseq,
-                                         toOptionMap(options));
+            Result result(std::move(call));
+            guarded(result, name, [&] {
+                (objects.handlers_.*handle)(std::move(result), origin, object->properties().info.diskseq,
+                                            toOptionMap(options));
             });
             return 1; // answered, now or later, through result
         } catch (const sdbus::Error& e) {
@@ -133,11 +137,14 @@ namespace {
 
 using P = const DeviceProperties&;
 
+constexpr char detachName[] = "Detach";
+
 // org.loopd1.Device as dbus/org.loopd1.xml declares it (test_contract compares).
 constexpr uint64_t changes = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE;
 const sd_bus_vtable deviceVtable[] = {
     SD_BUS_VTABLE_START(0),
-    SD_BUS_METHOD_WITH_ARGS("Detach", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT, DeviceVtable::detach,
+    SD_BUS_METHOD_WITH_ARGS("Detach", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT,
+                            (DeviceVtable::method<VoidResult, &Handlers::detach, detachName>),
                             SD_BUS_VTABLE_UNPRIVILEGED),
     SD_BUS_PROPERTY("DevNode", "s", property<[](P p) { return kernel::loopDevNode(p.info.number); }>, 0, changes),
     SD_BUS_PROPERTY("DiskSeq", "t", property<[](P p) { return p.info.diskseq; }>, 0, changes),
