@@ -139,7 +139,8 @@ using P = const DeviceProperties&;
 
 constexpr char detachName[] = "Detach";
 
-// org.loopd1.Device as dbus/org.loopd1.xml declares it (test_contract compares).
+// org.loopd1.Device as dbus/org.loopd1.xml declares it
+// (test_contract.py::test_device_object_matches_the_interface_xml compares).
 constexpr uint64_t changes = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE;
 const sd_bus_vtable deviceVtable[] = {
     SD_BUS_VTABLE_START(0),

@@ -13,11 +13,13 @@ import subprocess
 import threading
 import time
 
+import xml.etree.ElementTree as ET
+
 import dbus
 import dbus.mainloop.glib
 from gi.repository import GLib
 
-from harness import (ERROR_PREFIX, DEVICE_IFACE, LOOPCTL, LOOPD, MANAGER_IFACE, MANAGER_PATH,
+from harness import (ERROR_PREFIX, DEVICE_IFACE, LOOPCTL, LOOPD, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH,
                      CallError, busctl_detach, busctl_get_property,
                      busctl_managed_objects, detach_quietly, expect_error, force_detach,
                      loop_name, main, pydbus_attach, pydbus_call, pydbus_options, read_text,
@@ -107,6 +109,36 @@ class DeviceRemovedWatcher:
     def close(self):
         self.conn.close()
         self._loop.quit()
+
+
+# --------------------------------------------------------------------------- 0. the interface
+
+def interface_members(root, name):
+    """Methods (with in/out signatures) and properties (with types) of an
+    interface in introspection XML."""
+    iface = next(i for i in root.iter("interface") if i.get("name") == name)
+    methods = {m.get("name"): tuple("".join(a.get("type") for a in m.iter("arg") if a.get("direction", "in") == d)
+                                    for d in ("in", "out"))
+               for m in iface.iter("method")}
+    props = {p.get("name"): (p.get("type"), p.get("access")) for p in iface.iter("property")}
+    signals = {g.get("name"): "".join(a.get("type") for a in g.iter("arg")) for g in iface.iter("signal")}
+    return methods, props, signals
+
+
+def test_device_object_matches_the_interface_xml(env):
+    """A device object, as the bus introspects it, has exactly the methods,
+    signatures and properties dbus/org.loopd1.xml declares for org.loopd1.Device
+    (loopd serves device objects from a table of its own, not from code
+    generated from the XML)."""
+    reply = attach(env.image("gpt3").path)
+    try:
+        xml = run("busctl", "--system", "introspect", "--xml-interface", "org.loopd1", reply["device"]).stdout
+        served = interface_members(ET.fromstring(xml), DEVICE_IFACE)
+        declared = interface_members(ET.parse(os.path.join(LOOPD_SRC, "dbus", "org.loopd1.xml")).getroot(),
+                                     DEVICE_IFACE)
+        assert served == declared, f"{reply['device']} serves {served}, the XML declares {declared}"
+    finally:
+        detach_quietly(reply["diskseq"])
 
 
 # --------------------------------------------------------------------------- 1. Busy changes nothing
