@@ -108,6 +108,7 @@ Daemon::Daemon(DaemonConfig config)
         log::warn("test fault injection is on: udev events are dropped on purpose");
 
     // Last: with Type=dbus, owning the name is what tells systemd loopd is up.
+    manager_->devices->announce();
     connection_->requestName(busName);
     log::info("loopd {} on the system bus as {}, readiness source {}", LOOPD_VERSION, busName, readinessSource());
 }

@@ -200,6 +200,8 @@ DeviceObject::DeviceObject(DeviceObjects& objects, DeviceProperties properties)
     : objects_(objects), p_(std::move(properties))
 {
     objects_.objects_[p_.info.diskseq] = this;
+    if (!objects_.announcing_)
+        return;
     const auto path = devicePath(p_.info.diskseq);
     if (const int r = sd_bus_emit_interfaces_added(objects_.bus_, path.c_str(), deviceInterface, nullptr); r < 0)
         log::warn("InterfacesAdded not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
@@ -207,10 +209,12 @@ DeviceObject::DeviceObject(DeviceObjects& objects, DeviceProperties properties)
 
 DeviceObject::~DeviceObject()
 {
+    objects_.objects_.erase(p_.info.diskseq);
+    if (!objects_.announcing_)
+        return;
     const auto path = devicePath(p_.info.diskseq);
     if (const int r = sd_bus_emit_interfaces_removed(objects_.bus_, path.c_str(), deviceInterface, nullptr); r < 0)
         log::warn("InterfacesRemoved not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
-    objects_.objects_.erase(p_.info.diskseq);
 }
 
 void DeviceObject::propertiesChanged(const std::vector<std::string>& names)

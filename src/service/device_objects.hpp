@@ -50,6 +50,13 @@ public:
     DeviceObjects(const DeviceObjects&) = delete;
     DeviceObjects& operator=(const DeviceObjects&) = delete;
 
+    // From now on objects are announced (InterfacesAdded, InterfacesRemoved).
+    // Before loopd owns its name no client can tell its signals from anyone's,
+    // and a restart adopting thousands of devices would send one each for
+    // nothing: clients read the objects with GetManagedObjects once the name is
+    // there.
+    void announce() { announcing_ = true; }
+
 private:
     friend class DeviceObject;
     friend struct DeviceVtable;
@@ -60,6 +67,7 @@ private:
     sd_bus_slot* enumerator_ = nullptr;
     std::map<uint64_t, DeviceObject*> objects_;
     Handlers& handlers_;
+    bool announcing_ = false;
 };
 
 } // namespace loopd::service
