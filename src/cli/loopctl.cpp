@@ -1,5 +1,6 @@
 // loopctl: the command-line client of loopd (org.loopd1 on the system bus).
 #include "attach_args.hpp"
+#include "find_resize.hpp"
 #include "org.loopd1-proxy.h"
 
 #include <loopd/signals.hpp>
@@ -257,10 +258,13 @@ int attach(sdbus::IConnection& connection, const AttachArgs& args)
     return 0;
 }
 
-int detach(sdbus::IConnection& connection, const std::string& name)
+int detach(sdbus::IConnection& connection, const std::string& name, bool deferred)
 {
     const auto [path, props] = findDevice(connection, name);
-    Manager(connection).Detach(props.at("DiskSeq").get<uint64_t>(), {});
+    Options options;
+    if (deferred)
+        options.emplace("deferred", sdbus::Variant(true));
+    Manager(connection).Detach(props.at("DiskSeq").get<uint64_t>(), options);
     return 0;
 }
 
@@ -351,6 +355,9 @@ int main(int argc, char** argv)
 
     auto* detachCmd = app.add_subcommand("detach", "detach a loopd device; returns once it is released");
     detachCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
+    bool deferred = false;
+    detachCmd->add_flag("--deferred", deferred,
+                        "if the device is in use, let the kernel release it at its last close instead of failing");
     auto* listCmd = app.add_subcommand("list", "list loopd devices");
     listCmd->add_flag("--json", json, "print a JSON array");
     auto* waitCmd = app.add_subcommand("wait", "wait until a loopd device is ready");
@@ -359,6 +366,8 @@ int main(int argc, char** argv)
     auto* statusCmd = app.add_subcommand("status", "show a loopd device's properties");
     statusCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
     statusCmd->add_flag("--json", json, "print a JSON object");
+    loopctl::FindResizeArgs findResize;
+    loopctl::addFindResize(app, findResize);
 
     try {
         app.parse(argc, argv);
@@ -386,7 +395,9 @@ int main(int argc, char** argv)
         if (*attachCmd)
             return attach(*connection, attachArgs);
         if (*detachCmd)
-            return detach(*connection, name);
+            return detach(*connection, name, deferred);
+        if (const auto code = loopctl::runFindResize(*connection, findResize))
+            return *code;
         if (*listCmd)
             return list(*connection, json);
         if (*waitCmd)

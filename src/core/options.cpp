@@ -135,7 +135,18 @@ AttachOptions parseAttachOptions(const OptionMap& options)
     return parsed;
 }
 
-void parseDetachOptions(const OptionMap& options)
+DetachOptions parseDetachOptions(const OptionMap& options)
+{
+    DetachOptions parsed;
+    for (const auto& [key, value] : options) {
+        if (key != "deferred")
+            throw Error(Errc::InvalidArgument, "unknown option '" + key + "'");
+        parsed.deferred = expect<bool>(key, value, "b");
+    }
+    return parsed;
+}
+
+void parseResizeOptions(const OptionMap& options)
 {
     if (!options.empty())
         throw Error(Errc::InvalidArgument, "unknown option '" + options.begin()->first + "'");

@@ -375,6 +375,30 @@ DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info)
     }
 }
 
+DetachOutcome detachDeferred(UniqueFd& lockFd, const DeviceInfo& info)
+{
+    try {
+        checkUnclaimed(info);
+        removePartitionsOrRestore(lockFd.get(), info);
+    } catch (const Error& e) {
+        if (e.code() != Errc::Busy)
+            throw;
+        // In use (mounted, or a partition open): its partitions stay (BLKPG cannot
+        // remove an open one; those removed were put back) and need no removing:
+        // the kernel drops them at the release, LO_FLAGS_PARTSCAN being set on
+        // every partscan device. Autoclear, then let go: the last close, the
+        // holder's, releases it.
+        kernel::setAutoclear(lockFd.get(), true);
+        closeUncopied(lockFd);
+        return released(info) ? DetachOutcome::Released : DetachOutcome::Deferred;
+    }
+    // Not in use but maybe open: LOOP_CLR_FD releases it now or at that opener's
+    // last close; either way it is not taken back.
+    kernel::clear(lockFd.get());
+    closeUncopied(lockFd);
+    return releasedSoon(info) ? DetachOutcome::Released : DetachOutcome::Deferred;
+}
+
 void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
 {
     closeUncopied(lockFd);

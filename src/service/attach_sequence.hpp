@@ -53,6 +53,13 @@ enum class DetachOutcome {
 // LOCK_SH fd; the caller waits for udev to see the partitions again.
 DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info);
 
+// Detach with the release deferred (option `deferred`): as detach, but a device
+// in use is not Busy. Claimed (mounted): nothing is removed, autoclear is set and
+// loopd's fd closed, so the kernel releases the device at the holder's last close.
+// Open elsewhere after the clear: not taken back, left to that release. Deferred
+// then, else Released. lockFd is closed either way.
+DetachOutcome detachDeferred(UniqueFd& lockFd, const DeviceInfo& info);
+
 // Undoes a failed attach: the same as detach, but best effort.
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
 

@@ -126,6 +126,11 @@ void ManagerObject::WaitReady(AttachResult&& result, std::string device, uint64_
     guarded(result, "WaitReady", [&] { handlers_.waitReady(std::move(result), std::move(device), timeoutUsec); });
 }
 
+void ManagerObject::Find(FindResult&& result, std::string path)
+{
+    guarded(result, "Find", [&] { handlers_.find(std::move(result), origin(), std::move(path)); });
+}
+
 std::string ManagerObject::Version()
 {
     return LOOPD_VERSION;
@@ -164,6 +169,23 @@ void DeviceObject::Detach(VoidResult&& result, DbusOptions options)
         handlers_.detach(std::move(result), originOf(*getObject().getCurrentlyProcessedMessage()), p_.info.diskseq,
                          toOptionMap(options));
     });
+}
+
+void DeviceObject::Resize(ResizeResult&& result, DbusOptions options)
+{
+    guarded(result, "Resize", [&] {
+        handlers_.resize(std::move(result), originOf(*getObject().getCurrentlyProcessedMessage()), p_.info.diskseq,
+                         toOptionMap(options));
+    });
+}
+
+void DeviceObject::propertiesChanged(const std::vector<std::string>& names)
+{
+    try {
+        emitPropertiesChangedSignal(org::loopd1::Device_adaptor::INTERFACE_NAME, names);
+    } catch (const sdbus::Error& e) {
+        log::warn("PropertiesChanged not sent diskseq={}: {}", p_.info.diskseq, e.getMessage());
+    }
 }
 
 std::string DeviceObject::DevNode()

@@ -21,6 +21,8 @@ CallOrigin originOf(const sdbus::Message& message);
 
 using AttachResult = sdbus::Result<sdbus::ObjectPath, std::string, uint64_t, std::vector<std::string>>;
 using VoidResult = sdbus::Result<>;
+using FindResult = sdbus::Result<std::vector<sdbus::ObjectPath>>;
+using ResizeResult = sdbus::Result<uint64_t, std::vector<std::string>>;
 using DbusOptions = std::map<std::string, sdbus::Variant>;
 
 inline constexpr const char* busName = "org.loopd1";
@@ -41,6 +43,8 @@ public:
     virtual void attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options) = 0;
     virtual void detach(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
     virtual void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) = 0;
+    virtual void find(FindResult&& result, const CallOrigin& from, std::string path) = 0;
+    virtual void resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
     virtual std::string readinessSource() const = 0;
     virtual uint32_t deviceCount() const = 0;
 };
@@ -59,6 +63,7 @@ private:
     void AttachFd(AttachResult&& result, sdbus::UnixFd fd, DbusOptions options) override;
     void Detach(VoidResult&& result, uint64_t diskseq, DbusOptions options) override;
     void WaitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) override;
+    void Find(FindResult&& result, std::string path) override;
     std::string Version() override;
     std::string ReadinessSource() override;
     uint32_t Devices() override;
@@ -67,7 +72,7 @@ private:
     Handlers& handlers_;
 };
 
-// Everything a Device object shows, fixed once it is ready. The references are
+// Everything a Device object shows. The references are
 // into the daemon's own record of the device, which outlives the object and does
 // not move (a std::map node): one copy per device, not two.
 struct DeviceProperties {
@@ -85,9 +90,13 @@ public:
     // InterfacesRemoved.
     DeviceObject(sdbus::IConnection& connection, DeviceProperties properties, Handlers& handlers);
     ~DeviceObject();
+    // PropertiesChanged for what may change in an attachment's life (Size,
+    // Partitions, Autoclear), after the daemon changed its record of the device.
+    void propertiesChanged(const std::vector<std::string>& names);
 
 private:
     void Detach(VoidResult&& result, DbusOptions options) override;
+    void Resize(ResizeResult&& result, DbusOptions options) override;
     std::string DevNode() override;
     uint64_t DiskSeq() override { return p_.info.diskseq; }
     uint32_t Number() override { return p_.info.number; }

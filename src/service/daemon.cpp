@@ -63,7 +63,8 @@ Daemon::Daemon(DaemonConfig config)
       workers_(config_.workers), signalFd_(makeSignalFd()), records_(config_.runtimeDir + "/records"),
       table_(RefLinks(config_.runtimeDir + "/by-ref")),
       services_(*connection_, table_, registry_, workers_, records_, *this), callers_(*connection_, *busProxy_),
-      attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_)
+      attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_),
+      find_(services_, callers_), resize_(services_, callers_)
 {
     services_.limits = config_.limits;
     services_.settle = [this](const auto& outcomes) { settle(outcomes); };
@@ -176,6 +177,7 @@ void Daemon::onUevents(uevent::Monitor& monitor)
                    event.partition ? "p" + std::to_string(event.partition) : "", event.diskseq,
                    event.synthUuid.empty() ? "" : " synth_uuid=" + event.synthUuid);
         settle(registry_.onEvent(event));
+        resize_.onEvent(event);
         if (table_.owner(event.number))
             owned.insert(event.number);
     }
@@ -291,6 +293,16 @@ void Daemon::detach(VoidResult&& result, const CallOrigin& from, uint64_t diskse
 void Daemon::waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec)
 {
     attach_.waitReady(std::move(result), device, timeoutUsec);
+}
+
+void Daemon::find(FindResult&& result, const CallOrigin& from, std::string path)
+{
+    find_.request(std::move(result), from, std::move(path));
+}
+
+void Daemon::resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options)
+{
+    resize_.request(std::move(result), from, diskseq, options);
 }
 
 std::string Daemon::readinessSource() const

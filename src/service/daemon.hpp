@@ -7,8 +7,10 @@
 #include "device_table.hpp"
 #include "event_loop.hpp"
 #include "event_repair.hpp"
+#include "find_flow.hpp"
 #include "record_store.hpp"
 #include "recovery.hpp"
+#include "resize_flow.hpp"
 #include "services.hpp"
 #include "watchdog.hpp"
 #include "worker_pool.hpp"
@@ -44,6 +46,8 @@ public:
     void attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options) override;
     void detach(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
     void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) override;
+    void find(FindResult&& result, const CallOrigin& from, std::string path) override;
+    void resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
     std::string readinessSource() const override;
     uint32_t deviceCount() const override;
 
@@ -75,6 +79,8 @@ private:
     DetachFlow detach_;
     EventRepair repair_;
     Recovery recovery_;
+    FindFlow find_;
+    ResizeFlow resize_;
     std::unique_ptr<ManagerObject> manager_;
 
     core::RequestId trimmedAt_ = 1; // issued ids at the last malloc_trim

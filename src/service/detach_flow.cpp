@@ -14,8 +14,9 @@ void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t d
 {
     const auto& sender = from.sender;
     const auto name = "diskseq " + std::to_string(diskseq);
+    core::DetachOptions parsed;
     try {
-        core::parseDetachOptions(options);
+        parsed = core::parseDetachOptions(options);
     } catch (const Error& e) {
         throw Error(e.code(), "cannot detach " + name + ": " + e.what());
     }
@@ -24,6 +25,7 @@ void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t d
         throw Error(Errc::NotFound, "no loopd device with " + name);
     const auto id = s_.nextId();
     pending_.emplace(id, Pending{std::move(result), diskseq, RemovalReason::Detached, sender});
+    pending_.at(id).deferred = parsed.deferred;
     // Authorization first: until it is given, the device stays as it is (its
     // owner's own Detach is not refused as Busy meanwhile).
     const auto what = "detaching " + device->describe();
@@ -56,8 +58,16 @@ void DetachFlow::start(core::RequestId id)
             throw Error(Errc::NotFound, "diskseq " + std::to_string(diskseq) + " is no longer attached");
         if (device->state != DeviceState::Ready)
             throw Error(Errc::Busy,
-                        device->describe() + (device->state == DeviceState::Attaching ? " is still attaching"
-                                                                                      : " is being detached already"));
+                        device->describe() + (device->state == DeviceState::Attaching  ? " is still attaching"
+                                              : device->state == DeviceState::Resizing ? " is being resized"
+                                                                                       : " is being detached already"));
+        // Its release is the kernel's already (an earlier deferred detach): loopd
+        // holds no fd of it any more that a clear could go through.
+        if (!*device->lockFd) {
+            if (!pending_.at(id).deferred)
+                throw Error(Errc::Busy, device->describe() + " is in use; its release is deferred to its last close");
+            return reply(id, nullptr);
+        }
     } catch (...) {
         return reply(id, std::current_exception());
     }
@@ -66,9 +76,9 @@ void DetachFlow::start(core::RequestId id)
     writeRecord(s_.records, device->record(core::Record::State::Detaching));
     // A thread of its own: removing partitions waits seconds for transient
     // openers, and taking a device back reads the caller's image.
-    s_.workers.spawn([this, id, fd = device->lockFd, info = device->info] {
+    s_.workers.spawn([this, id, fd = device->lockFd, info = device->info, deferred = pending_.at(id).deferred] {
         try {
-            const auto outcome = service::detach(*fd, info);
+            const auto outcome = deferred ? detachDeferred(*fd, info) : service::detach(*fd, info);
             return WorkerPool::Continuation([this, id, outcome] { kernelDone(id, nullptr, outcome); });
         } catch (...) {
             return WorkerPool::Continuation(
@@ -88,6 +98,8 @@ void DetachFlow::kernelDone(core::RequestId id, std::exception_ptr error, Detach
     }
     if (outcome == DetachOutcome::TakenBack)
         return takenBack(id);
+    if (outcome == DetachOutcome::Deferred && pending_.at(id).deferred)
+        return deferredToLastClose(id);
     if (outcome == DetachOutcome::Deferred) {
         const auto diskseq = pending_.at(id).diskseq;
         reply(id, std::make_exception_ptr(Error(
@@ -112,6 +124,27 @@ void DetachFlow::takenBack(core::RequestId id)
     s_.settle(s_.registry.expect(id, core::Goal::Ready, device.watch(), now + releaseTimeout, now + nudgeAfter));
     if (pending_.count(id))
         s_.resync(device.info.number);
+}
+
+// Detach deferred, in use: the kernel releases the device at its last close. It
+// stays listed, owned and Ready, with Autoclear=true; that release comes as the
+// kernel's events for it (change, partition removes), after which sysfs shows no
+// backing file: EventRepair::checkOwned reports it with reason autoclear (the
+// device's options say autoclear now). No polling: the uevents carry it.
+void DetachFlow::deferredToLastClose(core::RequestId id)
+{
+    auto& device = *s_.table.find(pending_.at(id).diskseq);
+    device.info.autoclear = true;
+    device.options.autoclear = true;
+    device.state = DeviceState::Ready;
+    writeRecord(s_.records, device.record(core::Record::State::Owned));
+    log::info("detach deferred to the last close dev={} sender={}", device.describe(), pending_.at(id).sender);
+    reply(id, nullptr);
+    if (device.object)
+        device.object->propertiesChanged({"Autoclear"});
+    // Released between loopd's close and now, its events came while it was
+    // Detaching and were passed over: look once.
+    s_.resync(device.info.number);
 }
 
 void DetachFlow::readyAgain(core::RequestId id)

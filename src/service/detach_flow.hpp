@@ -33,11 +33,13 @@ private:
         std::string sender;       // for logs; empty for loopd's own
         uint64_t startedUsec = 0; // CLOCK_REALTIME when the kernel work began
         bool takingBack = false;  // open elsewhere: waiting for the device to be ready again
+        bool deferred = false;    // option deferred: in use, released at its last close
     };
 
     void start(core::RequestId id);
     void kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome);
     void takenBack(core::RequestId id);
+    void deferredToLastClose(core::RequestId id);
     void readyAgain(core::RequestId id);
     void detachIfOrphaned(const Device& device);
     void confirmed(core::RequestId id, bool timedOut);

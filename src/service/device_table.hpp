@@ -20,7 +20,9 @@ namespace loopd::service {
 
 class DeviceObject;
 
-enum class DeviceState { Attaching, Ready, Detaching };
+// Resizing: listed and usable, but its kernel state is being changed (Resize):
+// no detach or other resize meanwhile.
+enum class DeviceState { Attaching, Ready, Detaching, Resizing };
 
 // Why a device left the table. The first five are DeviceRemoved's reasons.
 enum class RemovalReason { Detached, ClientVanished, ForeignDetach, Autoclear, Timeout, Abandoned };
@@ -90,6 +92,9 @@ public:
     // Ready now: listed, counted, linked.
     void markReady(uint64_t diskseq, uint64_t realtimeUsec);
     void setState(uint64_t diskseq, DeviceState state);
+    // A resize changed the device's partitions: its by-ref links follow. A new
+    // partition whose link another device's ref already names gets no link.
+    void setPartitions(uint64_t diskseq, std::vector<unsigned> partitions);
     // Takes the device out, with its number (if still its), ref and links.
     void remove(uint64_t diskseq, RemovalReason reason);
 

@@ -86,6 +86,10 @@ bool Recovery::adopt(const core::Record& record)
     }
     Device device;
     device.info = record.info;
+    // A device whose release was deferred to its last close (Detach deferred) is
+    // not held: loopd's fd would keep it from being released.
+    if (record.info.autoclear)
+        fd->reset();
     device.lockFd = std::make_shared<UniqueFd>(std::move(*fd));
     device.options.ref = record.ref;
     device.options.lifetime = record.lifetime;

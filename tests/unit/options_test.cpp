@@ -105,6 +105,11 @@ TEST_CASE("detach takes no options")
 {
     CHECK_NOTHROW(parseDetachOptions({}));
     CHECK_THROWS_AS(parseDetachOptions({{"force", true}}), Error);
+    CHECK(parseDetachOptions({{"deferred", true}}).deferred);
+    CHECK_FALSE(parseDetachOptions({}).deferred);
+    CHECK_THROWS_AS(parseDetachOptions({{"deferred", uint32_t{1}}}), Error);
+    CHECK_NOTHROW(parseResizeOptions({}));
+    CHECK_THROWS_AS(parseResizeOptions({{"size", uint64_t{1}}}), Error);
 }
 
 TEST_CASE("a refused ref is quoted as ASCII, so the error is a valid D-Bus string")

@@ -1,0 +1,288 @@
+#!/usr/bin/python3
+"""Issue 15: what losetup, udisks2 and systemd users ask for. Each test checks at
+reply time what a user would check, through busctl, python3-dbus or loopctl.
+
+  Find       a renamed image and one reached through a symlinked directory still
+             match; a file replaced under the same name does not.
+  deferred   Detach(deferred) of a mounted whole-disk image replies at once, the
+             device stays until umount, then DeviceRemoved(reason autoclear).
+  Resize     an image grown by 16 MiB with a 4th partition appended: at reply time
+             the 4th partition exists, udev has it, and its size is right; a
+             shrink under a mounted partition is Busy and changes nothing.
+"""
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import dbus
+import dbus.mainloop.glib
+from gi.repository import GLib
+
+from harness import (DEVICE_IFACE, LOOPCTL, MANAGER_IFACE, MANAGER_PATH, CallError,
+                     _udev_info, busctl_get_property, busctl_managed_objects, detaching,
+                     expect_error, loop_name, main, pydbus_attach, pydbus_call,
+                     pydbus_options, read_text, run, verify_detached, verify_ready,
+                     verify_reply)
+
+SIGNAL_DEADLINE = 5.0  # a DeviceRemoved later than this after the umount is lost
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- helpers
+
+def find(path):
+    return [str(o) for o in pydbus_call("Find", "s", [path])]
+
+
+def detach_call(diskseq, **options):
+    return pydbus_call("Detach", "ta{sv}", [dbus.UInt64(diskseq), pydbus_options(**options)])
+
+
+def resize_call(device):
+    size, partitions = pydbus_call("Resize", "a{sv}", [pydbus_options()], path=device,
+                                   iface=DEVICE_IFACE)
+    return int(size), [str(p) for p in partitions]
+
+
+def listed_objects():
+    return {path for path, ifaces in busctl_managed_objects().items() if DEVICE_IFACE in ifaces}
+
+
+def bound(devnode, diskseq):
+    name = loop_name(devnode)
+    return read_text(f"/sys/block/{name}/diskseq") == str(diskseq) and \
+        os.path.exists(f"/sys/block/{name}/loop/backing_file")
+
+
+class SignalWatcher:
+    """Records the Manager's DeviceRemoved and the devices' PropertiesChanged from
+    the moment it is made; a GLib loop thread dispatches them."""
+
+    def __init__(self):
+        dbus.mainloop.glib.threads_init()
+        self._loop = GLib.MainLoop()
+        threading.Thread(target=self._loop.run, daemon=True).start()
+        self.removed, self.changed = [], []
+        self.cond = threading.Condition()
+        self.conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"],
+                                           mainloop=dbus.mainloop.glib.DBusGMainLoop())
+        self.conn.add_signal_receiver(self._on_removed, signal_name="DeviceRemoved",
+                                      dbus_interface=MANAGER_IFACE, path=MANAGER_PATH)
+        self.conn.add_signal_receiver(self._on_changed, signal_name="PropertiesChanged",
+                                      dbus_interface="org.freedesktop.DBus.Properties",
+                                      path_keyword="path")
+        # A round trip behind the AddMatch: the bus has the matches when this returns.
+        self.conn.call_blocking("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                "org.freedesktop.DBus", "GetId", "", [])
+
+    def _on_removed(self, *args):
+        with self.cond:
+            self.removed.append((int(args[1]), str(args[2])))
+            self.cond.notify_all()
+
+    def _on_changed(self, iface, changed, invalidated, path=None):
+        with self.cond:
+            self.changed.append((str(path), str(iface), sorted(str(k) for k in changed) +
+                                 sorted(str(k) for k in invalidated)))
+            self.cond.notify_all()
+
+    def wait_removed(self, diskseq, deadline):
+        with self.cond:
+            while True:
+                found = [reason for d, reason in self.removed if d == diskseq]
+                if found or time.monotonic() >= deadline:
+                    return found
+                self.cond.wait(deadline - time.monotonic())
+
+    def wait_changed(self, path, prop, deadline):
+        with self.cond:
+            while True:
+                if any(p == path and prop in names for p, _, names in self.changed):
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                self.cond.wait(deadline - time.monotonic())
+
+    def close(self):
+        self.conn.close()
+        self._loop.quit()
+
+
+# --------------------------------------------------------------------------- Find
+
+def test_find_follows_the_file_not_the_name(env):
+    """Find matches by st_dev/st_ino of what the path names now."""
+    image = env.image("gpt3")
+    reply = pydbus_attach(image.path, pydbus_options())
+    with detaching(reply):
+        verify_reply(reply, image)
+        device = reply["device"]
+        assert find(image.path) == [device], f"Find {image.path}: {find(image.path)}"
+
+        # Renamed: the new name matches, the old one names nothing.
+        renamed = env.path("renamed.img")
+        os.rename(image.path, renamed)
+        assert find(renamed) == [device], f"Find {renamed} after rename: {find(renamed)}"
+        expect_error("NotFound", find, image.path)
+
+        # Reached through a symlinked directory.
+        real_dir, link_dir = env.path("real"), env.path("link")
+        os.makedirs(real_dir)
+        moved = os.path.join(real_dir, "disk.img")
+        os.rename(renamed, moved)
+        os.symlink(real_dir, link_dir)
+        through_link = os.path.join(link_dir, "disk.img")
+        assert find(through_link) == [device], f"Find {through_link}: {find(through_link)}"
+
+        # loopctl find, by the same path, in JSON.
+        out = json.loads(run(LOOPCTL, "find", "--json", through_link).stdout)
+        assert [d["Object"] for d in out] == [device] and out[0]["DevNode"] == reply["devnode"], out
+
+        # Replaced: a copy renamed over the name is another file.
+        copy = os.path.join(real_dir, "copy.img")
+        shutil.copyfile(moved, copy)
+        os.rename(copy, moved)
+        assert find(through_link) == [], f"Find {through_link} after replacing it: {find(through_link)}"
+        p = run(LOOPCTL, "find", through_link, check=False)
+        assert p.returncode == 1 and p.stdout == "", f"loopctl find of a replaced file: {p}"
+
+        detach_call(reply["diskseq"])
+        verify_detached(reply["devnode"], reply["diskseq"])
+
+
+# --------------------------------------------------------------------------- deferred detach
+
+def test_deferred_detach_of_mounted_disk(env):
+    """Detach(deferred) of a mounted whole-disk image: the reply comes while it is
+    mounted, the device stays (listed, bound, Autoclear=true) until umount, then it
+    is released and reported as DeviceRemoved(reason autoclear)."""
+    image = env.image("none")
+    run("mkfs.ext4", "-q", "-F", image.path)
+    reply = pydbus_attach(image.path, pydbus_options())
+    diskseq, devnode = reply["diskseq"], reply["devnode"]
+    mnt = env.path("mnt")
+    os.makedirs(mnt)
+    with detaching(reply):
+        verify_reply(reply, image)
+        run("mount", devnode, mnt)
+        mounted = True
+        watcher = SignalWatcher()
+        try:
+            expect_error("Busy", detach_call, diskseq)  # without deferred: refused
+            detach_call(diskseq, deferred=dbus.Boolean(True))
+            # At reply time: still there, marked for release at its last close.
+            assert bound(devnode, diskseq), f"{devnode} was released while mounted"
+            assert reply["device"] in listed_objects(), f"{reply['device']} is no longer listed"
+            assert busctl_get_property(reply["device"], DEVICE_IFACE, "Autoclear") is True
+            assert read_text(f"/sys/block/{loop_name(devnode)}/loop/autoclear") == "1"
+            assert watcher.wait_changed(reply["device"], "Autoclear", time.monotonic() + SIGNAL_DEADLINE), \
+                "no PropertiesChanged for Autoclear"
+            assert not watcher.removed, f"DeviceRemoved before umount: {watcher.removed}"
+            # A second deferred detach is already arranged: success, nothing changes.
+            detach_call(diskseq, deferred=dbus.Boolean(True))
+
+            run("umount", mnt)
+            mounted = False
+            reasons = watcher.wait_removed(diskseq, time.monotonic() + SIGNAL_DEADLINE)
+            assert reasons == ["autoclear"], f"DeviceRemoved for {diskseq}: {reasons}"
+            # At signal time: released and gone from the bus.
+            assert not bound(devnode, diskseq), f"{devnode} still bound at diskseq {diskseq}"
+            assert reply["device"] not in listed_objects(), f"{reply['device']} still listed"
+            expect_error("NotFound", detach_call, diskseq)
+        finally:
+            watcher.close()
+            if mounted:
+                run("umount", mnt, check=False)
+
+
+# --------------------------------------------------------------------------- Resize
+
+def partition_bytes(devnode, k):
+    name = loop_name(devnode)
+    return int(read_text(f"/sys/block/{name}/{name}p{k}/size")) * 512
+
+
+def test_resize_grow_adds_fourth_partition(env):
+    """Grow by 16 MiB, sfdisk --append a 4th partition, Resize: at reply time the
+    4th partition exists with the right size and udev has processed it (DISKSEQ,
+    ID_PART_ENTRY_NUMBER, ID_PART_ENTRY_SIZE); Size and Partitions changed, with
+    PropertiesChanged; the diskseq is the same."""
+    image = env.image("gpt3")
+    reply = pydbus_attach(image.path, pydbus_options())
+    devnode, diskseq = reply["devnode"], reply["diskseq"]
+    with detaching(reply):
+        verify_reply(reply, image)
+        old_size = busctl_get_property(reply["device"], DEVICE_IFACE, "Size")
+        run("truncate", "-s", "+16M", image.path)
+        run("sfdisk", "-q", "--relocate", "gpt-bak-std", image.path)
+        run("sfdisk", "-q", "--append", image.path, input=" size=12MiB\n")
+        table = json.loads(run("sfdisk", "--json", image.path).stdout)["partitiontable"]
+        p4 = table["partitions"][3]
+        watcher = SignalWatcher()
+        try:
+            started = time.monotonic()
+            size, partitions = resize_call(reply["device"])
+            elapsed = time.monotonic() - started
+            # At reply time.
+            assert size == old_size + 16 * MiB, f"Resize says {size}, expected {old_size + 16 * MiB}"
+            assert int(read_text(f"/sys/block/{loop_name(devnode)}/size")) * 512 == size
+            assert partitions == [f"{devnode}p{k}" for k in range(1, 5)], partitions
+            verify_ready(devnode, diskseq, 4, image.table_uuid)  # same diskseq, udev done
+            assert partition_bytes(devnode, 4) == p4["size"] * 512 == 12 * MiB, \
+                f"{devnode}p4 is {partition_bytes(devnode, 4)} bytes, the table says {p4['size'] * 512}"
+            _, props = _udev_info(f"{devnode}p4")
+            assert props.get("ID_PART_ENTRY_SIZE") == str(p4["size"]), \
+                f"udev's {devnode}p4: ID_PART_ENTRY_SIZE={props.get('ID_PART_ENTRY_SIZE')}, table {p4['size']}"
+            assert busctl_get_property(reply["device"], DEVICE_IFACE, "Size") == size
+            assert busctl_get_property(reply["device"], DEVICE_IFACE, "Partitions") == partitions
+            for prop in ("Size", "Partitions"):
+                assert watcher.wait_changed(reply["device"], prop, time.monotonic() + SIGNAL_DEADLINE), \
+                    f"no PropertiesChanged for {prop}"
+            print(f"# resize to 4 partitions replied in {elapsed * 1000:.1f} ms")
+        finally:
+            watcher.close()
+
+        # loopctl resize with nothing changed: same answer.
+        out = json.loads(run(LOOPCTL, "resize", "--json", devnode).stdout)
+        assert out["Size"] == size and out["Partitions"] == partitions and out["DiskSeq"] == diskseq, out
+
+        detach_call(diskseq)
+        verify_detached(devnode, diskseq)
+
+
+def test_resize_shrink_under_mounted_partition_is_busy(env):
+    """A shrink that would cut off a mounted partition is Busy and changes nothing:
+    size, partitions and udev's view stay; after umount and the file restored, the
+    device detaches as usual."""
+    image = env.image("gpt3")
+    reply = pydbus_attach(image.path, pydbus_options())
+    devnode, diskseq = reply["devnode"], reply["diskseq"]
+    mnt = env.path("mnt")
+    os.makedirs(mnt)
+    with detaching(reply):
+        verify_reply(reply, image)
+        run("mkfs.ext4", "-q", "-F", reply["partitions"][2])
+        run("mount", reply["partitions"][2], mnt)
+        mounted = True
+        try:
+            size = busctl_get_property(reply["device"], DEVICE_IFACE, "Size")
+            run("truncate", "-s", "20M", image.path)  # partition 3 lies at 17-25 MiB
+            e = expect_error("Busy", resize_call, reply["device"])
+            assert f"{devnode}p3" in e.message, f"Busy message names no partition: {e.message}"
+            assert int(read_text(f"/sys/block/{loop_name(devnode)}/size")) * 512 == size, \
+                "the device's size changed after Busy"
+            assert busctl_get_property(reply["device"], DEVICE_IFACE, "Size") == size
+            verify_ready(devnode, diskseq, 3, image.table_uuid)
+        finally:
+            run("truncate", "-s", "64M", image.path)
+            if mounted:
+                run("umount", mnt, check=False)
+        detach_call(diskseq)
+        verify_detached(devnode, diskseq)
+
+
+if __name__ == "__main__":
+    main(globals())
