@@ -18,6 +18,7 @@ struct AttachOptions {
     bool directIo = false;
     bool partscan = true;
     bool autoclear = false;
+    bool hidden = false; // UDISKS_IGNORE=1 (and LOOPD_REF, LOOPD_OWNER_UID) in udev's database
     Lifetime lifetime = Lifetime::Persistent;
     std::string ref;
     std::chrono::microseconds timeout = std::chrono::seconds(10);

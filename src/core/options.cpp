@@ -61,6 +61,7 @@ const std::map<std::string, Setter, std::less<>>& attachSetters()
         {"direct-io", [](auto& o, auto& k, auto& v) { o.directIo = expect<bool>(k, v, "b"); }},
         {"partscan", [](auto& o, auto& k, auto& v) { o.partscan = expect<bool>(k, v, "b"); }},
         {"autoclear", [](auto& o, auto& k, auto& v) { o.autoclear = expect<bool>(k, v, "b"); }},
+        {"hidden", [](auto& o, auto& k, auto& v) { o.hidden = expect<bool>(k, v, "b"); }},
         {"offset", [](auto& o, auto& k, auto& v) { o.offset = multipleOf512(k, expect<uint64_t>(k, v, "t")); }},
         {"size-limit", [](auto& o, auto& k, auto& v) { o.sizeLimit = multipleOf512(k, expect<uint64_t>(k, v, "t")); }},
         {"sector-size",

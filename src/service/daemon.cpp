@@ -61,12 +61,13 @@ Daemon::Daemon(DaemonConfig config)
       connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
       workers_(config_.workers), signalFd_(makeSignalFd()), records_(config_.runtimeDir + "/records"),
-      table_(RefLinks(config_.runtimeDir + "/by-ref")),
+      table_(RefLinks(config_.runtimeDir + "/by-ref")), udevTags_(config_.udevTagsDir, workers_),
       services_(*connection_, table_, registry_, workers_, records_, *this), callers_(*connection_, *busProxy_),
       attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_),
       find_(services_, callers_), resize_(services_, callers_)
 {
     services_.limits = config_.limits;
+    services_.udevTags = &udevTags_;
     services_.settle = [this](const auto& outcomes) { settle(outcomes); };
     services_.resync = [this](unsigned number) { repair_.resync(number); };
     table_.onAdded = [this](const Device& device) { repair_.watch(device); };
@@ -178,6 +179,7 @@ void Daemon::onUevents(uevent::Monitor& monitor)
                    event.synthUuid.empty() ? "" : " synth_uuid=" + event.synthUuid);
         settle(registry_.onEvent(event));
         resize_.onEvent(event);
+        udevTags_.onEvent(event);
         if (table_.owner(event.number))
             owned.insert(event.number);
     }
@@ -234,6 +236,8 @@ void Daemon::onRemoved(Device& device, RemovalReason reason)
 {
     if (!table_.owner(device.info.number))
         repair_.unwatch(device.info.number);
+    if (device.options.hidden)
+        udevTags_.remove(device.info.diskseq);
     const auto* name = reasonName(reason);
     if (!name) // abandoned while attaching: never listed, its attach flow has told its waiters
         return;

@@ -12,6 +12,7 @@
 #include "recovery.hpp"
 #include "resize_flow.hpp"
 #include "services.hpp"
+#include "udev_tags.hpp"
 #include "watchdog.hpp"
 #include "worker_pool.hpp"
 
@@ -31,6 +32,7 @@ struct DaemonConfig {
     uevent::DropRules kernelDrops; // and the kernel's
     unsigned workers = 4;
     std::string runtimeDir = "/run/loopd";
+    std::string udevTagsDir = "/run/loopd/udev"; // where udev/90-loopd.rules looks
     Limits limits;
 };
 
@@ -73,6 +75,7 @@ private:
     Watchdog watchdog_;
     RecordStore records_;
     DeviceTable table_;
+    UdevTags udevTags_;
     Services services_;
     Callers callers_;
     AttachFlow attach_;

@@ -19,6 +19,7 @@ namespace loopd::service {
 
 class ManagerObject;
 class Handlers;
+class UdevTags;
 
 // Detach confirmation: the remove events follow LOOP_CLR_FD within milliseconds.
 inline constexpr std::chrono::seconds releaseTimeout{10};
@@ -48,6 +49,7 @@ struct Services {
     const RecordStore& records;
     Handlers& handlers; // what Device objects forward their calls to
     ManagerObject* manager = nullptr;
+    UdevTags* udevTags = nullptr; // udev properties of hidden devices
     // Dispatches registry outcomes to the flow whose request each is.
     std::function<void(const std::vector<core::Outcome>&)> settle;
     // Reads what sysfs and udev's database say of a loop number now (EventRepair).

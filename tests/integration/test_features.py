@@ -21,7 +21,7 @@ import dbus
 import dbus.mainloop.glib
 from gi.repository import GLib
 
-from harness import (DEVICE_IFACE, LOOPCTL, MANAGER_IFACE, MANAGER_PATH, CallError,
+from harness import (DEVICE_IFACE, LOOPCTL, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH, CallError,
                      _udev_info, busctl_get_property, busctl_managed_objects, detaching,
                      expect_error, loop_name, main, pydbus_attach, pydbus_call,
                      pydbus_options, read_text, run, verify_detached, verify_ready,
@@ -282,6 +282,56 @@ def test_resize_shrink_under_mounted_partition_is_busy(env):
                 run("umount", mnt, check=False)
         detach_call(diskseq)
         verify_detached(devnode, diskseq)
+
+
+# --------------------------------------------------------------------------- hidden
+
+class project_udev_rule:
+    """The project's udev/90-loopd.rules, put where the running udevd reads rules
+    at run time (/run/udev/rules.d, as `meson install` puts it in udevdir/rules.d)
+    and reloaded; taken out again on exit."""
+
+    PATH = "/run/udev/rules.d/90-loopd.rules"
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.PATH), exist_ok=True)
+        shutil.copyfile(os.path.join(LOOPD_SRC, "udev", "90-loopd.rules"), self.PATH)
+        run("udevadm", "control", "--reload")
+        return self
+
+    def __exit__(self, *exc):
+        os.unlink(self.PATH)
+        run("udevadm", "control", "--reload", check=False)
+        return False
+
+
+def test_hidden_tags_in_udev_database_at_reply_time(env):
+    """Attach(hidden, ref): at reply time udev's database has UDISKS_IGNORE=1,
+    LOOPD_REF and LOOPD_OWNER_UID for the disk and every partition (and the device
+    is ready as always). A device attached without hidden has none of them."""
+    with project_udev_rule():
+        image = env.image("gpt3")
+        reply = pydbus_attach(image.path, pydbus_options(hidden=dbus.Boolean(True), ref=dbus.String("desk")))
+        plain_image = env.image("mbr2")
+        with detaching(reply):
+            verify_reply(reply, image)
+            for node in [reply["devnode"]] + reply["partitions"]:
+                _, props = _udev_info(node)
+                tags = {k: props.get(k) for k in ("UDISKS_IGNORE", "LOOPD_REF", "LOOPD_OWNER_UID")}
+                assert tags == {"UDISKS_IGNORE": "1", "LOOPD_REF": "desk", "LOOPD_OWNER_UID": "0"}, \
+                    f"udev's {node} at reply time: {tags}"
+            plain = pydbus_attach(plain_image.path, pydbus_options())
+            with detaching(plain):
+                verify_reply(plain, plain_image)
+                for node in [plain["devnode"]] + plain["partitions"]:
+                    _, props = _udev_info(node)
+                    assert "UDISKS_IGNORE" not in props and "LOOPD_REF" not in props, \
+                        f"udev's {node} has loopd's tags without hidden: {props}"
+                detach_call(plain["diskseq"])
+            detach_call(reply["diskseq"])
+            verify_detached(reply["devnode"], reply["diskseq"])
+            assert not os.path.exists(f"/run/loopd/udev/{reply['diskseq']}"), \
+                "the udev properties file outlived its device"
 
 
 if __name__ == "__main__":

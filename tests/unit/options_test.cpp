@@ -50,6 +50,7 @@ TEST_CASE("every option is parsed")
                                        {"direct-io", true},
                                        {"partscan", false},
                                        {"autoclear", true},
+                                       {"hidden", true},
                                        {"lifetime", std::string("client")},
                                        {"ref", std::string("root-image")},
                                        {"timeout-usec", uint64_t{2'000'000}},
@@ -61,6 +62,7 @@ TEST_CASE("every option is parsed")
     CHECK(o.directIo);
     CHECK_FALSE(o.partscan);
     CHECK(o.autoclear);
+    CHECK(o.hidden);
     CHECK(o.lifetime == Lifetime::Client);
     CHECK(o.ref == "root-image");
     CHECK(o.timeout == std::chrono::seconds(2));
