@@ -74,9 +74,9 @@ const std::map<std::string, Setter, std::less<>>& attachSetters()
         {"lifetime",
          [](auto& o, auto& k, auto& v) {
              const auto& s = expect<std::string>(k, v, "s");
-             if (s != "persistent" && s != "client")
-                 badValue(k, "'" + s + "' is not 'persistent' or 'client'");
-             o.lifetime = s == "client" ? Lifetime::Client : Lifetime::Persistent;
+             if (s != "persistent" && s != "client" && s != "fd")
+                 badValue(k, "'" + s + "' is not 'persistent', 'client' or 'fd'");
+             o.lifetime = s == "client" ? Lifetime::Client : s == "fd" ? Lifetime::Fd : Lifetime::Persistent;
          }},
         {"ref",
          [](auto& o, auto& k, auto& v) {
@@ -143,6 +143,20 @@ DetachOptions parseDetachOptions(const OptionMap& options)
         if (key != "deferred")
             throw Error(Errc::InvalidArgument, "unknown option '" + key + "'");
         parsed.deferred = expect<bool>(key, value, "b");
+    }
+    return parsed;
+}
+
+OpenOptions parseOpenOptions(const OptionMap& options)
+{
+    OpenOptions parsed;
+    for (const auto& [key, value] : options) {
+        if (key == "partition")
+            parsed.partition = expect<uint32_t>(key, value, "u");
+        else if (key == "read-only")
+            parsed.readOnly = expect<bool>(key, value, "b");
+        else
+            throw Error(Errc::InvalidArgument, "unknown option '" + key + "'");
     }
     return parsed;
 }

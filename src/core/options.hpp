@@ -30,6 +30,14 @@ struct DetachOptions {
 // naming the key, never silently ignored.
 DetachOptions parseDetachOptions(const OptionMap& options);
 
+// Device.Open's options: partition u (0, the default: the disk), read-only b
+// (default true).
+struct OpenOptions {
+    unsigned partition = 0;
+    bool readOnly = true;
+};
+OpenOptions parseOpenOptions(const OptionMap& options);
+
 // Resize takes no options yet; any key is refused rather than silently ignored.
 void parseResizeOptions(const OptionMap& options);
 

@@ -295,7 +295,7 @@ void AttachFlow::ready(core::RequestId id)
     log::info("attached dev={} diskseq={} partitions={} file={} sender={} ms={}",
               kernel::loopDevNode(device.info.number), done.diskseq, device.info.partitions.size(), done.what,
               done.sender, millisSince(done.started));
-    if (done.vanished && device.options.lifetime == Lifetime::Client && onOrphaned)
+    if (done.vanished && device.tiedToClient() && onOrphaned)
         onOrphaned(done.diskseq);
 }
 

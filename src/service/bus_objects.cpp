@@ -179,6 +179,14 @@ void DeviceObject::Resize(ResizeResult&& result, DbusOptions options)
     });
 }
 
+void DeviceObject::Open(OpenResult&& result, DbusOptions options)
+{
+    guarded(result, "Open", [&] {
+        handlers_.open(std::move(result), originOf(*getObject().getCurrentlyProcessedMessage()), p_.info.diskseq,
+                       toOptionMap(options));
+    });
+}
+
 void DeviceObject::propertiesChanged(const std::vector<std::string>& names)
 {
     try {

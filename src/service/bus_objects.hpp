@@ -23,6 +23,7 @@ using AttachResult = sdbus::Result<sdbus::ObjectPath, std::string, uint64_t, std
 using VoidResult = sdbus::Result<>;
 using FindResult = sdbus::Result<std::vector<sdbus::ObjectPath>>;
 using ResizeResult = sdbus::Result<uint64_t, std::vector<std::string>>;
+using OpenResult = sdbus::Result<sdbus::UnixFd>;
 using DbusOptions = std::map<std::string, sdbus::Variant>;
 
 inline constexpr const char* busName = "org.loopd1";
@@ -45,6 +46,7 @@ public:
     virtual void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) = 0;
     virtual void find(FindResult&& result, const CallOrigin& from, std::string path) = 0;
     virtual void resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
+    virtual void open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
     virtual std::string readinessSource() const = 0;
     virtual uint32_t deviceCount() const = 0;
 };
@@ -97,6 +99,7 @@ public:
 private:
     void Detach(VoidResult&& result, DbusOptions options) override;
     void Resize(ResizeResult&& result, DbusOptions options) override;
+    void Open(OpenResult&& result, DbusOptions options) override;
     std::string DevNode() override;
     uint64_t DiskSeq() override { return p_.info.diskseq; }
     uint32_t Number() override { return p_.info.number; }

@@ -64,7 +64,7 @@ Daemon::Daemon(DaemonConfig config)
       table_(RefLinks(config_.runtimeDir + "/by-ref")), udevTags_(config_.udevTagsDir, workers_),
       services_(*connection_, table_, registry_, workers_, records_, *this), callers_(*connection_, *busProxy_),
       attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_),
-      find_(services_, callers_), resize_(services_, callers_)
+      find_(services_, callers_), resize_(services_, callers_), open_(services_, callers_)
 {
     services_.limits = config_.limits;
     services_.udevTags = &udevTags_;
@@ -221,7 +221,7 @@ void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newO
     attach_.callerLeft(name);
     for (const auto diskseq : table_.diskseqs()) {
         auto& device = *table_.find(diskseq);
-        if (device.owner != name || device.options.lifetime != Lifetime::Client)
+        if (device.owner != name || !device.tiedToClient())
             continue;
         device.ownerGone = true; // a detach in progress that is refused detaches it after all
         if (device.state != DeviceState::Ready)
@@ -307,6 +307,11 @@ void Daemon::find(FindResult&& result, const CallOrigin& from, std::string path)
 void Daemon::resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options)
 {
     resize_.request(std::move(result), from, diskseq, options);
+}
+
+void Daemon::open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options)
+{
+    open_.request(std::move(result), from, diskseq, options);
 }
 
 std::string Daemon::readinessSource() const

@@ -8,6 +8,7 @@
 #include "event_loop.hpp"
 #include "event_repair.hpp"
 #include "find_flow.hpp"
+#include "open_flow.hpp"
 #include "record_store.hpp"
 #include "recovery.hpp"
 #include "resize_flow.hpp"
@@ -50,6 +51,7 @@ public:
     void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) override;
     void find(FindResult&& result, const CallOrigin& from, std::string path) override;
     void resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
+    void open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
     std::string readinessSource() const override;
     uint32_t deviceCount() const override;
 
@@ -84,6 +86,7 @@ private:
     Recovery recovery_;
     FindFlow find_;
     ResizeFlow resize_;
+    OpenFlow open_;
     std::unique_ptr<ManagerObject> manager_;
 
     core::RequestId trimmedAt_ = 1; // issued ids at the last malloc_trim

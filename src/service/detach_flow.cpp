@@ -161,7 +161,7 @@ void DetachFlow::readyAgain(core::RequestId id)
 // was refused): lifetime=client still holds.
 void DetachFlow::detachIfOrphaned(const Device& device)
 {
-    if (device.ownerGone && device.options.lifetime == Lifetime::Client && device.state == DeviceState::Ready)
+    if (device.ownerGone && device.tiedToClient() && device.state == DeviceState::Ready)
         own(device.info.diskseq, RemovalReason::ClientVanished);
 }
 

@@ -52,6 +52,12 @@ struct Device {
     ~Device();
 
     [[nodiscard]] bool listed() const { return readyTimestamp != 0; }
+    // Detached when its client leaves the bus: lifetime=client, and lifetime=fd
+    // until Device.Open handed out its first fd (then the kernel's autoclear).
+    [[nodiscard]] bool tiedToClient() const
+    {
+        return options.lifetime == Lifetime::Client || (options.lifetime == Lifetime::Fd && !options.autoclear);
+    }
     [[nodiscard]] core::Watch watch() const;
     // Its ownership record in the given state, made from what the device holds.
     [[nodiscard]] core::Record record(core::Record::State state) const;

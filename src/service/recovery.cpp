@@ -121,7 +121,7 @@ bool Recovery::adopt(const core::Record& record)
     if (readded)
         readded_.push_back(diskseq);
     log::info("adopted dev={} owner={}", stored.describe(), record.owner);
-    if (record.lifetime == Lifetime::Client)
+    if (stored.tiedToClient())
         clients_.push_back(diskseq);
     return true;
 }

@@ -113,7 +113,7 @@ bool validEntry(const std::string& key, const OptionValue& value)
     if (key == "timeout-usec")
         return t && *t >= 1 && *t <= maxTimeoutUsec;
     if (key == "lifetime")
-        return s && (*s == "persistent" || *s == "client");
+        return s && (*s == "persistent" || *s == "client" || *s == "fd");
     if (key == "readiness")
         return s && (*s == "auto" || *s == "udev" || *s == "kernel");
     if (key == "ref")

@@ -13,6 +13,7 @@ reply time what a user would check, through busctl, python3-dbus or loopctl.
 
 import json
 import os
+import pwd
 import shutil
 import threading
 import time
@@ -23,9 +24,10 @@ from gi.repository import GLib
 
 from harness import (DEVICE_IFACE, LOOPCTL, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH, CallError,
                      _udev_info, busctl_get_property, busctl_managed_objects, detaching,
-                     expect_error, loop_name, main, pydbus_attach, pydbus_call,
+                     expect_error, loop_name, main, partition_numbers_in_sysfs, pydbus_attach, pydbus_call,
                      pydbus_options, read_text, run, verify_detached, verify_ready,
                      verify_reply)
+from test_security import USER, ensure_users
 
 SIGNAL_DEADLINE = 5.0  # a DeviceRemoved later than this after the umount is lost
 MiB = 1024 * 1024
@@ -334,5 +336,148 @@ def test_hidden_tags_in_udev_database_at_reply_time(env):
                 "the udev properties file outlived its device"
 
 
+# --------------------------------------------------------------------------- Open, lifetime=fd
+
+RULES = f"""// loopd integration tests (tests/integration/test_features.py), removed after the run.
+polkit.addRule(function(action, subject) {{
+    if (action.id == "org.loopd1.attach" && subject.user == "{USER}")
+        return polkit.Result.YES;
+}});
+"""
+
+# Run as the test user: attaches its own image (AttachFd), shows it cannot open the
+# device node itself, gets an fd of partition 1 with Open and probes it with
+# libblkid through that fd (blkid's library, as ctypes: the blkid command would
+# reopen /dev/fd/N, which checks the node's permissions again). JSON on stdout.
+OPEN_CLIENT = r'''
+import ctypes, dbus, json, os, sys
+bus = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
+mgr = dbus.Interface(bus.get_object("org.loopd1", "/org/loopd1"), "org.loopd1.Manager")
+out = {"uid": os.getuid()}
+with open(sys.argv[1], "r+b") as image:
+    obj, devnode, diskseq, parts = mgr.AttachFd(dbus.types.UnixFd(image), dbus.Dictionary({}, signature="sv"))
+out.update(object=str(obj), devnode=str(devnode), diskseq=int(diskseq))
+try:
+    os.close(os.open(str(parts[0]), os.O_RDONLY))
+    out["node_open"] = "allowed"
+except PermissionError:
+    out["node_open"] = "denied"
+device = dbus.Interface(bus.get_object("org.loopd1", obj), "org.loopd1.Device")
+fd = device.Open(dbus.Dictionary({"partition": dbus.UInt32(1)}, signature="sv")).take()
+try:
+    os.write(fd, b"x")
+    out["writable"] = True
+except OSError:
+    out["writable"] = False
+blkid = ctypes.CDLL("libblkid.so.1")
+blkid.blkid_new_probe.restype = ctypes.c_void_p
+probe = blkid.blkid_new_probe()
+blkid.blkid_probe_set_device.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+blkid.blkid_do_safeprobe.argtypes = [ctypes.c_void_p]
+blkid.blkid_probe_lookup_value.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
+                                           ctypes.POINTER(ctypes.c_char_p), ctypes.c_void_p]
+assert blkid.blkid_probe_set_device(probe, fd, 0, 0) == 0
+out["probe"] = blkid.blkid_do_safeprobe(probe)
+for key in ("TYPE", "UUID"):
+    value = ctypes.c_char_p()
+    if blkid.blkid_probe_lookup_value(probe, key.encode(), ctypes.byref(value), None) == 0:
+        out[key] = value.value.decode()
+try:
+    try:
+        device.Open(dbus.Dictionary({"read-only": dbus.Boolean(False), "partition": dbus.UInt32(9)},
+                                    signature="sv"))
+    except dbus.exceptions.DBusException as e:
+        out["partition9"] = e.get_dbus_name()
+finally:
+    os.close(fd)
+mgr.Detach(dbus.UInt64(diskseq), dbus.Dictionary({}, signature="sv"))
+print(json.dumps(out))
+'''
+
+
+def test_open_as_unprivileged_owner(env):
+    """The owner (a test user, through setpriv) cannot open its partition's node,
+    but Device.Open gives it a read-only fd on which libblkid finds the ext4 root
+    made there; another user gets AccessDenied."""
+    image = env.image("gpt3")
+    pw = pwd.getpwnam(USER)
+    os.chown(image.path, pw.pw_uid, pw.pw_gid)
+    script = env.path("open_client.py")
+    with open(script, "w") as f:
+        f.write(OPEN_CLIENT)
+    # The filesystem is made through a device of root's, then detached again.
+    reply = pydbus_attach(image.path, pydbus_options())
+    with detaching(reply):
+        run("mkfs.ext4", "-q", "-F", "-U", "8f6e4e51-0a4c-4fb3-9a2b-2d7b43c1d9a1", reply["partitions"][0])
+        # Root owns this one: a test user may not Open it.
+        p = run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+                "busctl", "--system", "call", "org.loopd1", reply["device"], DEVICE_IFACE, "Open",
+                "a{sv}", "0", check=False,
+                env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": os.environ["DBUS_SYSTEM_BUS_ADDRESS"]})
+        assert p.returncode != 0 and "owner or root" in p.stderr, f"Open of root's device as {USER}: {p}"
+        detach_call(reply["diskseq"])
+
+    p = run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "/usr/bin/python3", script, image.path,
+            check=False, env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": os.environ["DBUS_SYSTEM_BUS_ADDRESS"]})
+    assert p.returncode == 0, f"client as {USER} failed: {p.stderr}"
+    out = json.loads(p.stdout)
+    try:
+        assert out["uid"] == pw.pw_uid, out
+        assert out["node_open"] == "denied", f"{USER} could open {out['devnode']}p1 itself: {out}"
+        assert out["probe"] == 0 and out.get("TYPE") == "ext4" and \
+            out.get("UUID") == "8f6e4e51-0a4c-4fb3-9a2b-2d7b43c1d9a1", f"libblkid on the Open fd: {out}"
+        assert out["writable"] is False, "the fd of Open without read-only=false was writable"
+        assert out["partition9"] == "org.loopd1.Error.NotFound", out
+        verify_detached(out["devnode"], out["diskseq"])
+    finally:
+        if bound(out["devnode"], out["diskseq"]):
+            detach_call(out["diskseq"])
+
+
+def test_lifetime_fd_released_at_last_close(env):
+    """lifetime=fd: the attaching connection leaves after the first Open, the
+    device stays while any fd of Open is open (Autoclear=true), and is released
+    at the last close, reported as DeviceRemoved(reason autoclear)."""
+    image = env.image("gpt3")
+    conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
+    watcher = SignalWatcher()
+    fds = []
+    try:
+        reply = conn.call_blocking("org.loopd1", MANAGER_PATH, MANAGER_IFACE, "Attach", "sa{sv}",
+                                   [image.path, pydbus_options(lifetime=dbus.String("fd"))])
+        device, devnode, diskseq = str(reply[0]), str(reply[1]), int(reply[2])
+        with detaching(diskseq):
+            verify_ready(devnode, diskseq, 3, image.table_uuid)
+            for options in ({}, {"partition": dbus.UInt32(2)}):
+                fd = conn.call_blocking("org.loopd1", device, DEVICE_IFACE, "Open", "a{sv}",
+                                        [pydbus_options(**options)])
+                fds.append(fd.take())
+            conn.close()  # the client leaves: the fds hold the device now
+            assert busctl_get_property(device, DEVICE_IFACE, "Autoclear") is True
+            assert busctl_get_property(device, DEVICE_IFACE, "Lifetime") == "fd"
+            assert bound(devnode, diskseq), f"{devnode} released while fds of it are open"
+            os.close(fds.pop(0))
+            assert not watcher.wait_removed(diskseq, time.monotonic() + 0.5), \
+                "released while an fd of a partition was still open"
+            assert bound(devnode, diskseq), f"{devnode} released with an fd still open"
+            # loopd's own hold (and the close of its writable fd, which makes udev
+            # try BLKRRPART) is long gone: the partitions are still there.
+            assert partition_numbers_in_sysfs(loop_name(devnode)) == [1, 2, 3], \
+                f"{devnode}'s partitions after loopd handed over: {partition_numbers_in_sysfs(loop_name(devnode))}"
+            os.close(fds.pop())
+            reasons = watcher.wait_removed(diskseq, time.monotonic() + SIGNAL_DEADLINE)
+            assert reasons == ["autoclear"], f"DeviceRemoved for {diskseq}: {reasons}"
+            assert not bound(devnode, diskseq), f"{devnode} still bound after the last close"
+            assert device not in listed_objects(), f"{device} still listed"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        watcher.close()
+        conn.close()
+
+
 if __name__ == "__main__":
-    main(globals())
+    if os.geteuid() == 0:
+        ensure_users()
+    main(globals(), polkit=True, polkit_rules=RULES)
