@@ -64,6 +64,8 @@ std::string serialize(const Record& r)
         {"owner", r.owner},
         {"ownerUid", r.ownerUid},
         {"readyTimestamp", r.readyTimestamp},
+        {"letGo", r.letGo},
+        {"hidden", r.hidden},
     };
     return json.dump() + "\n";
 }
@@ -100,6 +102,8 @@ std::optional<Record> parseRecord(const std::string& text)
         json.at("owner").get_to(r.owner);
         json.at("ownerUid").get_to(r.ownerUid);
         json.at("readyTimestamp").get_to(r.readyTimestamp);
+        r.letGo = json.value("letGo", false); // records of loopd 0.1 have neither
+        r.hidden = json.value("hidden", false);
         return r;
     } catch (const Json::exception&) {
         return std::nullopt;

@@ -71,6 +71,8 @@ core::Record Device::record(core::Record::State state) const
     r.owner = owner;
     r.ownerUid = ownerUid;
     r.readyTimestamp = readyTimestamp;
+    r.letGo = lockFd && !*lockFd;
+    r.hidden = options.hidden;
     return r;
 }
 

@@ -92,9 +92,10 @@ void OpenFlow::start(core::RequestId id)
     } catch (...) {
         return fail(id, std::current_exception());
     }
-    // The first fd of a lifetime=fd device takes over loopd's hold; meanwhile no
-    // detach or resize may use loopd's fd.
-    const bool handOver = device->options.lifetime == Lifetime::Fd && !device->options.autoclear && *device->lockFd;
+    // The first fd of a lifetime=fd or autoclear device takes over loopd's hold
+    // (the "someone else" whose last close releases it); meanwhile no detach or
+    // resize may use loopd's fd.
+    const bool handOver = (device->options.lifetime == Lifetime::Fd || device->options.autoclear) && *device->lockFd;
     if (handOver)
         device->state = DeviceState::Resizing;
     s_.workers.submit([this, id, info = device->info, partition, readOnly = pending.options.readOnly, handOver,

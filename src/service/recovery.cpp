@@ -86,14 +86,15 @@ bool Recovery::adopt(const core::Record& record)
     }
     Device device;
     device.info = record.info;
-    // A device whose release was deferred to its last close (Detach deferred) is
-    // not held: loopd's fd would keep it from being released.
-    if (record.info.autoclear)
+    // A device loopd let go of (Detach deferred, lifetime=fd after Open) is not
+    // held again: loopd's fd would keep the kernel from releasing it.
+    if (record.letGo)
         fd->reset();
     device.lockFd = std::make_shared<UniqueFd>(std::move(*fd));
     device.options.ref = record.ref;
     device.options.lifetime = record.lifetime;
     device.options.autoclear = record.info.autoclear;
+    device.options.hidden = record.hidden;
     device.source = uevent::udevRunning() ? EventSource::Udev : EventSource::Kernel;
     device.owner = record.owner;
     device.ownerUid = record.ownerUid;
