@@ -6,8 +6,6 @@
 #include <loopd/error.hpp>
 #include <loopd/log.hpp>
 
-#include <thread>
-
 namespace loopd::service {
 namespace {
 
@@ -75,12 +73,8 @@ void ResizeFlow::start(core::RequestId id)
             return [this, id, error = std::current_exception()] { kernelDone(id, error, {}); };
         }
     });
-    // The deadline, as a sleeping thread that posts it: resizes are rare, and the
-    // loop's own timers are not this flow's to change.
-    s_.workers.spawn([this, id] {
-        std::this_thread::sleep_for(resizeTimeout);
-        return WorkerPool::Continuation([this, id] { timedOut(id); });
-    });
+    // The loop's own timers are not this flow's to change.
+    postAfter(s_.workers, resizeTimeout, pending.done, [this, id] { timedOut(id); });
 }
 
 void ResizeFlow::onEvent(const Uevent& event)
@@ -144,6 +138,7 @@ void ResizeFlow::finish(core::RequestId id, std::exception_ptr error)
 {
     auto node = pending_.extract(id);
     auto& pending = node.mapped();
+    *pending.done = true;
     auto* device = s_.table.find(pending.diskseq);
     if (device && pending.kernelDone) {
         device->state = DeviceState::Ready;

@@ -6,7 +6,9 @@
 
 #include <loopd/uevent.hpp>
 
+#include <atomic>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -48,6 +50,7 @@ private:
         std::set<unsigned> seen; // disk (0) and partitions whose event came
         bool kernelDone = false; // the kernel work came back
         Resized resized;
+        std::shared_ptr<std::atomic<bool>> done = std::make_shared<std::atomic<bool>>(false);
     };
 
     void start(core::RequestId id);

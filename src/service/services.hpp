@@ -8,8 +8,10 @@
 
 #include <sdbus-c++/IConnection.h>
 
+#include <atomic>
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <vector>
 
 // What every flow of the service room shares, handed to each by reference. The
@@ -69,6 +71,13 @@ uint64_t realtimeUsec();
 std::string makeUuid();
 // Loop thread: writes a record, logging (not throwing) a failure.
 void writeRecord(const RecordStore& records, const core::Record& record) noexcept;
+// A deadline for flows that do not own the loop's timers (resize, udev tags): a
+// thread of its own sleeps until `timeout` and then posts `then`, or ends early,
+// posting nothing, once `*done` is set (looked at every 50 ms): no thread outlives
+// its wait by long.
+void postAfter(WorkerPool& workers, std::chrono::milliseconds timeout, std::shared_ptr<std::atomic<bool>> done,
+               WorkerPool::Continuation then);
+
 // Loop thread: registers a ready device's object (InterfacesAdded).
 void exportDevice(Services& services, Device& device);
 

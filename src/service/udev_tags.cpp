@@ -7,7 +7,6 @@
 #include <loopd/log.hpp>
 
 #include <fstream>
-#include <thread>
 
 namespace loopd::service {
 
@@ -44,7 +43,8 @@ void UdevTags::confirm(unsigned number, uint64_t diskseq, const std::vector<unsi
                        std::chrono::milliseconds timeout, Then then)
 {
     const auto uuid = makeUuid();
-    Pending pending{diskseq, source, {0}, std::move(then)};
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    Pending pending{diskseq, source, {0}, std::move(then), done};
     pending.missing.insert(partitions.begin(), partitions.end());
     pending_.emplace(uuid, std::move(pending));
     workers_.submit([number, partitions, uuid] {
@@ -57,15 +57,11 @@ void UdevTags::confirm(unsigned number, uint64_t diskseq, const std::vector<unsi
         }
         return WorkerPool::Continuation([] {});
     });
-    // The deadline, as a sleeping thread that posts it: the loop's timers are not
-    // this helper's to change.
-    workers_.spawn([this, uuid, timeout] {
-        std::this_thread::sleep_for(timeout);
-        return WorkerPool::Continuation([this, uuid] {
-            auto node = pending_.extract(uuid);
-            if (!node.empty())
-                node.mapped().then(false);
-        });
+    // The loop's timers are not this helper's to change.
+    postAfter(workers_, timeout, done, [this, uuid] {
+        auto node = pending_.extract(uuid);
+        if (!node.empty())
+            node.mapped().then(false);
     });
 }
 
@@ -80,6 +76,7 @@ void UdevTags::onEvent(const Uevent& event)
     if (!it->second.missing.empty())
         return;
     auto node = pending_.extract(it);
+    *node.mapped().done = true;
     node.mapped().then(true);
 }
 

@@ -4,11 +4,13 @@
 
 #include <loopd/uevent.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -49,6 +51,7 @@ private:
         EventSource source = EventSource::Udev;
         std::set<unsigned> missing;
         Then then;
+        std::shared_ptr<std::atomic<bool>> done; // ends the deadline's thread
     };
 
     std::filesystem::path dir_;

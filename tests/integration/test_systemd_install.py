@@ -55,6 +55,7 @@ def expected_files(options):
     interfaces = options["dbus_interfaces_dir"] or pkg("dbus-1", "interfaces_dir")
     polkit = options["polkit_actions_dir"] or pkg("polkit-gobject-1", "policydir")
     images = options["images_config_dir"] or os.path.join(under(options["sysconfdir"]), "loopd/images")
+    udev = options["udev_rules_dir"] or os.path.join(pkg("udev", "udevdir"), "rules.d")
     return {
         "loopd": os.path.join(under(options["sbindir"]), "loopd"),
         "loopctl": os.path.join(under(options["bindir"]), "loopctl"),
@@ -65,6 +66,7 @@ def expected_files(options):
         "interface": os.path.join(interfaces, "org.loopd1.xml"),
         "polkit": os.path.join(polkit, "org.loopd1.policy"),
         "images": images,
+        "udev rule": os.path.join(udev, "90-loopd.rules"),
     }
 
 
@@ -108,13 +110,14 @@ def test_install_locations_can_be_overridden(env):
         "dbus_interfaces_dir": "/x/dbus/interfaces",
         "polkit_actions_dir": "/x/polkit",
         "images_config_dir": "/x/images",
+        "udev_rules_dir": "/x/udev",
     }
     build = env.path("build")
     run("meson", "setup", build, SRC, *[f"-D{k}={v}" for k, v in overrides.items()], timeout=300)
     destdir = env.path("root")
     # Only the configured files: no need to compile anything for where they land.
     run("meson", "install", "-C", build, "--destdir", destdir, "--no-rebuild", "--quiet",
-        "--tags", "systemd,dbus,polkit,config")
+        "--tags", "systemd,dbus,polkit,config,udev")
     options = build_options(build)
     assert all(options[k] == v for k, v in overrides.items()), options
     files = expected_files(options)
