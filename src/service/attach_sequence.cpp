@@ -399,6 +399,15 @@ DetachOutcome detachDeferred(UniqueFd& lockFd, const DeviceInfo& info)
     return releasedSoon(info) ? DetachOutcome::Released : DetachOutcome::Deferred;
 }
 
+void awaitPartitionsDropped(unsigned number) noexcept
+{
+    using namespace std::chrono_literals;
+    auto pause = 1ms;
+    for (auto waited = 0ms; waited < 2s && !kernel::existingPartitions(number).empty();
+         waited += pause, pause = std::min<std::chrono::milliseconds>(pause * 2, 50ms))
+        std::this_thread::sleep_for(pause);
+}
+
 void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
 {
     closeUncopied(lockFd);

@@ -60,6 +60,13 @@ DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info);
 // then, else Released. lockFd is closed either way.
 DetachOutcome detachDeferred(UniqueFd& lockFd, const DeviceInfo& info);
 
+// A release loopd did not make (autoclear at a last close, `losetup -d`) is seen
+// at its first uevent, the disk's "change"; the kernel drops the partitions
+// after sending it (6.18: seen here 1 in 4 times, partitions still in sysfs when
+// DeviceRemoved went out). Waits up to 2 s for sysfs to show none, so that a
+// DeviceRemoved means the partitions are gone too.
+void awaitPartitionsDropped(unsigned number) noexcept;
+
 // Undoes a failed attach: the same as detach, but best effort.
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
 

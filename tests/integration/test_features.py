@@ -200,6 +200,39 @@ def test_deferred_detach_of_mounted_disk(env):
                 run("umount", mnt, check=False)
 
 
+def test_deferred_detach_of_mounted_partition(env):
+    """Detach(deferred) with partition 2 mounted: replies at once, the device and
+    all its partitions stay until umount; then the kernel's release (partscan is
+    on) drops the partitions, and DeviceRemoved(reason autoclear) is sent."""
+    image = env.image("gpt3")
+    reply = pydbus_attach(image.path, pydbus_options())
+    diskseq, devnode = reply["diskseq"], reply["devnode"]
+    name = loop_name(devnode)
+    mnt = env.path("mnt")
+    os.makedirs(mnt)
+    with detaching(reply):
+        verify_reply(reply, image)
+        run("mkfs.ext4", "-q", "-F", reply["partitions"][1])
+        run("mount", reply["partitions"][1], mnt)
+        mounted = True
+        watcher = SignalWatcher()
+        try:
+            detach_call(diskseq, deferred=dbus.Boolean(True))
+            assert bound(devnode, diskseq) and partition_numbers_in_sysfs(name) == [1, 2, 3], \
+                f"{devnode} at reply time: bound {bound(devnode, diskseq)}, partitions " \
+                f"{partition_numbers_in_sysfs(name)}"
+            run("umount", mnt)
+            mounted = False
+            reasons = watcher.wait_removed(diskseq, time.monotonic() + SIGNAL_DEADLINE)
+            assert reasons == ["autoclear"], f"DeviceRemoved for {diskseq}: {reasons}"
+            assert not bound(devnode, diskseq), f"{devnode} still bound at diskseq {diskseq}"
+            verify_detached(devnode, diskseq)
+        finally:
+            watcher.close()
+            if mounted:
+                run("umount", mnt, check=False)
+
+
 # --------------------------------------------------------------------------- Resize
 
 def partition_bytes(devnode, k):
