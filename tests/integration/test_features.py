@@ -24,7 +24,7 @@ from gi.repository import GLib
 
 from harness import (DEVICE_IFACE, LOOPCTL, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH, CallError,
                      _udev_info, busctl_get_property, busctl_managed_objects, detaching,
-                     expect_error, loop_name, main, partition_numbers_in_sysfs, pydbus_attach, pydbus_call,
+                     expect_error, loop_name, main, make_gpt3, partition_numbers_in_sysfs, pydbus_attach, pydbus_call,
                      pydbus_options, read_text, run, verify_detached, verify_ready,
                      verify_reply)
 from test_security import USER, ensure_users
@@ -151,6 +151,41 @@ def test_find_follows_the_file_not_the_name(env):
         p = run(LOOPCTL, "find", through_link, check=False)
         assert p.returncode == 1 and p.stdout == "", f"loopctl find of a replaced file: {p}"
 
+        detach_call(reply["diskseq"])
+        verify_detached(reply["devnode"], reply["diskseq"])
+
+
+def find_as(user, path):
+    """Manager.Find through busctl run as `user` (setpriv, its own groups)."""
+    pw = pwd.getpwnam(user)
+    p = run("setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+            "busctl", "--system", "--json=short", "call", "org.loopd1", MANAGER_PATH, MANAGER_IFACE,
+            "Find", "s", path, check=False,
+            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": os.environ["DBUS_SYSTEM_BUS_ADDRESS"]})
+    if p.returncode != 0:
+        raise CallError(None, p.stderr.strip().removeprefix("Call failed: "), f"busctl as {user}")
+    return json.loads(p.stdout)["data"][0]
+
+
+def test_find_looks_the_path_up_as_the_caller(env):
+    """Find resolves the path with the caller's identity: a user who cannot search
+    the directory is refused (and learns nothing); once it can, it finds the
+    device without read permission on the image (an O_PATH lookup)."""
+    private = env.path("private")
+    os.makedirs(private, mode=0o700)
+    image = make_gpt3(os.path.join(private, "disk.img"))
+    os.chmod(image.path, 0o600)  # root's, unreadable by the user
+    reply = pydbus_attach(image.path, pydbus_options())
+    with detaching(reply):
+        verify_reply(reply, image)
+        try:
+            devices = find_as(USER, image.path)
+            raise AssertionError(f"{USER} found {devices} through a directory it cannot search")
+        except CallError as e:
+            assert "cannot open" in e.message and image.path in e.message, e.message
+        os.chmod(private, 0o711)
+        assert find_as(USER, image.path) == [reply["device"]]
+        assert find(image.path) == [reply["device"]]
         detach_call(reply["diskseq"])
         verify_detached(reply["devnode"], reply["diskseq"])
 
