@@ -176,7 +176,8 @@ void checkAccepted(const OptionMap& map, AttachOptions o)
                "timeout-usec %lld", static_cast<long long>(o.timeout.count()));
     FUZZ_CHECK(o.ref.empty() || validRef(o.ref), "ref of %zu bytes", o.ref.size());
     FUZZ_CHECK(o.ref.size() <= maxRefLength, "ref longer than lo_file_name");
-    FUZZ_CHECK(o.lifetime == Lifetime::Persistent || o.lifetime == Lifetime::Client, "lifetime");
+    FUZZ_CHECK(o.lifetime == Lifetime::Persistent || o.lifetime == Lifetime::Client || o.lifetime == Lifetime::Fd,
+               "lifetime");
     FUZZ_CHECK(o.readiness == ReadinessMode::Auto || o.readiness == ReadinessMode::Udev ||
                    o.readiness == ReadinessMode::Kernel,
                "readiness");
@@ -194,6 +195,7 @@ void checkAccepted(const OptionMap& map, AttachOptions o)
     FUZZ_CHECK(o.ref == given<std::string>(map, "ref", ""), "ref not as given");
     const auto lifetime = given<std::string>(map, "lifetime", "persistent");
     FUZZ_CHECK((o.lifetime == Lifetime::Client) == (lifetime == "client"), "lifetime not as given");
+    FUZZ_CHECK((o.lifetime == Lifetime::Fd) == (lifetime == "fd"), "lifetime fd not as given");
     const auto readiness = given<std::string>(map, "readiness", "auto");
     FUZZ_CHECK(o.readiness == (readiness == "udev"     ? ReadinessMode::Udev
                                : readiness == "kernel" ? ReadinessMode::Kernel
