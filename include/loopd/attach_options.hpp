@@ -6,7 +6,9 @@
 
 namespace loopd {
 
-enum class Lifetime { Persistent, Client };
+// Fd: as Client until Device.Open first hands out an fd, then while any fd of it
+// is open (the kernel's autoclear).
+enum class Lifetime { Persistent, Client, Fd };
 enum class ReadinessMode { Auto, Udev, Kernel };
 
 // The Attach options of org.loopd1.Manager, with their documented defaults.
@@ -18,6 +20,7 @@ struct AttachOptions {
     bool directIo = false;
     bool partscan = true;
     bool autoclear = false;
+    bool hidden = false; // UDISKS_IGNORE=1 (and LOOPD_REF, LOOPD_OWNER_UID) in udev's database
     Lifetime lifetime = Lifetime::Persistent;
     std::string ref;
     std::chrono::microseconds timeout = std::chrono::seconds(10);
@@ -30,10 +33,10 @@ inline constexpr std::size_t maxRefLength = 63;
 // mistake, not a wish; it also keeps clocks from overflowing.
 inline constexpr uint64_t maxTimeoutUsec = 86'400'000'000ULL;
 
-// "persistent" or "client", as the Attach option "lifetime" spells it.
+// "persistent", "client" or "fd", as the Attach option "lifetime" spells it.
 inline const char* lifetimeName(Lifetime lifetime) noexcept
 {
-    return lifetime == Lifetime::Client ? "client" : "persistent";
+    return lifetime == Lifetime::Client ? "client" : lifetime == Lifetime::Fd ? "fd" : "persistent";
 }
 
 } // namespace loopd

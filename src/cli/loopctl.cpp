@@ -1,6 +1,7 @@
 // loopctl: the command-line client of loopd (org.loopd1 on the system bus).
 #include "attach_args.hpp"
 #include "devices.hpp"
+#include "find_resize.hpp"
 #include "list.hpp"
 #include "monitor.hpp"
 #include "org.loopd1-proxy.h"
@@ -184,9 +185,12 @@ int attach(sdbus::IConnection& connection, const AttachArgs& args)
     return 0;
 }
 
-int detach(sdbus::IConnection& connection, const std::string& name)
+int detach(sdbus::IConnection& connection, const std::string& name, bool deferred)
 {
-    Manager(connection).Detach(loopctl::findDevice(connection, name).u64("DiskSeq"), {});
+    Options options;
+    if (deferred)
+        options.emplace("deferred", sdbus::Variant(true));
+    Manager(connection).Detach(loopctl::findDevice(connection, name).u64("DiskSeq"), options);
     return 0;
 }
 
@@ -265,6 +269,9 @@ int main(int argc, char** argv)
 
     auto* detachCmd = app.add_subcommand("detach", "detach a loopd device; returns once it is released");
     detachCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
+    bool deferred = false;
+    detachCmd->add_flag("--deferred", deferred,
+                        "if the device is in use, let the kernel release it at its last close instead of failing");
 
     std::string columnsHelp = "columns to show, comma-separated (default " + std::string(loopctl::defaultListColumns) +
                               "; +COL adds to those):";
@@ -289,6 +296,8 @@ int main(int argc, char** argv)
     auto* monitorCmd = app.add_subcommand(
         "monitor", "print loopd's events as they happen (ready, removed, changed) until Ctrl-C or loopd stops");
     monitorCmd->add_flag("--json", json, "one JSON object per line");
+    loopctl::FindResizeArgs findResize;
+    loopctl::addFindResize(app, findResize);
 
     try {
         app.parse(argc, argv);
@@ -323,7 +332,9 @@ int main(int argc, char** argv)
         if (*attachCmd)
             return attach(*connection, attachArgs);
         if (*detachCmd)
-            return detach(*connection, name);
+            return detach(*connection, name, deferred);
+        if (const auto code = loopctl::runFindResize(*connection, findResize))
+            return *code;
         if (*listCmd) {
             loopctl::printList(std::cout, loopctl::listDevices(*connection), listOptions);
             return 0;

@@ -8,7 +8,10 @@
 // the caller is and polkit when told to; the decision itself is made here.
 namespace loopd::core {
 
-enum class Action { Attach, Detach };
+// Find: anyone (the path is looked up as the caller, so it reveals no more than
+// the caller could stat itself, plus which loopd devices it backs). Resize: as
+// Detach (owner, root, or polkit's detach-others). Open: the owner or root only.
+enum class Action { Attach, Detach, Find, Resize, Open };
 
 struct Caller {
     uint32_t uid = UINT32_MAX; // UINT32_MAX: unknown, a stranger
@@ -20,6 +23,7 @@ struct Caller {
 struct Verdict {
     bool allowed = false;     // without asking anyone
     std::string polkitAction; // else: allowed only if polkit says yes to this action
+                              // (none: refused without asking)
 };
 
 // ownerUid: the device's owner, for Detach.

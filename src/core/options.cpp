@@ -61,6 +61,7 @@ const std::map<std::string, Setter, std::less<>>& attachSetters()
         {"direct-io", [](auto& o, auto& k, auto& v) { o.directIo = expect<bool>(k, v, "b"); }},
         {"partscan", [](auto& o, auto& k, auto& v) { o.partscan = expect<bool>(k, v, "b"); }},
         {"autoclear", [](auto& o, auto& k, auto& v) { o.autoclear = expect<bool>(k, v, "b"); }},
+        {"hidden", [](auto& o, auto& k, auto& v) { o.hidden = expect<bool>(k, v, "b"); }},
         {"offset", [](auto& o, auto& k, auto& v) { o.offset = multipleOf512(k, expect<uint64_t>(k, v, "t")); }},
         {"size-limit", [](auto& o, auto& k, auto& v) { o.sizeLimit = multipleOf512(k, expect<uint64_t>(k, v, "t")); }},
         {"sector-size",
@@ -73,9 +74,9 @@ const std::map<std::string, Setter, std::less<>>& attachSetters()
         {"lifetime",
          [](auto& o, auto& k, auto& v) {
              const auto& s = expect<std::string>(k, v, "s");
-             if (s != "persistent" && s != "client")
-                 badValue(k, "'" + s + "' is not 'persistent' or 'client'");
-             o.lifetime = s == "client" ? Lifetime::Client : Lifetime::Persistent;
+             if (s != "persistent" && s != "client" && s != "fd")
+                 badValue(k, "'" + s + "' is not 'persistent', 'client' or 'fd'");
+             o.lifetime = s == "client" ? Lifetime::Client : s == "fd" ? Lifetime::Fd : Lifetime::Persistent;
          }},
         {"ref",
          [](auto& o, auto& k, auto& v) {
@@ -135,7 +136,32 @@ AttachOptions parseAttachOptions(const OptionMap& options)
     return parsed;
 }
 
-void parseDetachOptions(const OptionMap& options)
+DetachOptions parseDetachOptions(const OptionMap& options)
+{
+    DetachOptions parsed;
+    for (const auto& [key, value] : options) {
+        if (key != "deferred")
+            throw Error(Errc::InvalidArgument, "unknown option '" + key + "'");
+        parsed.deferred = expect<bool>(key, value, "b");
+    }
+    return parsed;
+}
+
+OpenOptions parseOpenOptions(const OptionMap& options)
+{
+    OpenOptions parsed;
+    for (const auto& [key, value] : options) {
+        if (key == "partition")
+            parsed.partition = expect<uint32_t>(key, value, "u");
+        else if (key == "read-only")
+            parsed.readOnly = expect<bool>(key, value, "b");
+        else
+            throw Error(Errc::InvalidArgument, "unknown option '" + key + "'");
+    }
+    return parsed;
+}
+
+void parseResizeOptions(const OptionMap& options)
 {
     if (!options.empty())
         throw Error(Errc::InvalidArgument, "unknown option '" + options.begin()->first + "'");

@@ -21,8 +21,25 @@ using OptionMap = std::map<std::string, OptionValue>;
 // for an unknown key, a wrong type or an out-of-range value.
 AttachOptions parseAttachOptions(const OptionMap& options);
 
-// Detach takes no options yet; any key is refused rather than silently ignored.
-void parseDetachOptions(const OptionMap& options);
+// The Detach options of org.loopd1.Manager and org.loopd1.Device.
+struct DetachOptions {
+    bool deferred = false; // in use: let the kernel release it at its last close
+};
+
+// Parses Detach options; an unknown key or a wrong type is Error(InvalidArgument)
+// naming the key, never silently ignored.
+DetachOptions parseDetachOptions(const OptionMap& options);
+
+// Device.Open's options: partition u (0, the default: the disk), read-only b
+// (default true).
+struct OpenOptions {
+    unsigned partition = 0;
+    bool readOnly = true;
+};
+OpenOptions parseOpenOptions(const OptionMap& options);
+
+// Resize takes no options yet; any key is refused rather than silently ignored.
+void parseResizeOptions(const OptionMap& options);
 
 // A ref is 1..63 bytes of [A-Za-z0-9._-], not all digits (a diskseq), not "." or
 // "..": it becomes a file name under by-ref/.

@@ -64,6 +64,8 @@ std::string serialize(const Record& r)
         {"owner", r.owner},
         {"ownerUid", r.ownerUid},
         {"readyTimestamp", r.readyTimestamp},
+        {"letGo", r.letGo},
+        {"hidden", r.hidden},
     };
     return json.dump() + "\n";
 }
@@ -95,10 +97,13 @@ std::optional<Record> parseRecord(const std::string& text)
         json.at("partscan").get_to(i.partscan);
         json.at("partitions").get_to(i.partitions);
         json.at("ref").get_to(r.ref);
-        r.lifetime = json.at("lifetime").get<std::string>() == "client" ? Lifetime::Client : Lifetime::Persistent;
+        const auto lifetime = json.at("lifetime").get<std::string>();
+        r.lifetime = lifetime == "client" ? Lifetime::Client : lifetime == "fd" ? Lifetime::Fd : Lifetime::Persistent;
         json.at("owner").get_to(r.owner);
         json.at("ownerUid").get_to(r.ownerUid);
         json.at("readyTimestamp").get_to(r.readyTimestamp);
+        r.letGo = json.value("letGo", false); // records of loopd 0.1 have neither
+        r.hidden = json.value("hidden", false);
         return r;
     } catch (const Json::exception&) {
         return std::nullopt;

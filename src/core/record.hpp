@@ -28,6 +28,8 @@ struct Record {
     std::string owner; // unique bus name of the caller
     uint32_t ownerUid = 0;
     uint64_t readyTimestamp = 0;
+    bool letGo = false;  // loopd holds no fd of it: the kernel releases it at its last close
+    bool hidden = false; // attach option hidden: it has a udev properties file
 };
 
 // The lo_file_name loopd gives the kernel: "loopd:<token>", a tag no other tool

@@ -143,45 +143,74 @@ private:
 
 } // namespace
 
-UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& caller)
+namespace {
+
+// openat2 (5.6+): no magic links on the way, so /proc/self/fd/N (loopd's own fds)
+// or /proc/PID/root never lead anywhere the caller could not go itself.
+UniqueFd openNoMagic(const std::string& path, uint64_t flags)
 {
-    ThreadIdentity identity(caller);
-    // openat2 (5.6+): no magic links on the way, so /proc/self/fd/N (loopd's own
-    // fds) or /proc/PID/root never lead anywhere the caller could not go itself.
     open_how how{};
-    how.flags = static_cast<uint64_t>((readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    how.flags = flags;
     how.resolve = RESOLVE_NO_MAGICLINKS;
     UniqueFd fd(static_cast<int>(::syscall(SYS_openat2, AT_FDCWD, path.c_str(), &how, sizeof(how))));
     if (!fd && errno == ENOSYS) // before 5.6: only the flags
         fd = UniqueFd(::open(path.c_str(), static_cast<int>(how.flags)));
-    if (!fd) {
-        const int err = errno;
-        switch (err) {
-        case ENOENT:
-        case ENOTDIR:
-            throw Error(Errc::NotFound, "no such file: " + path);
-        case EACCES:
-        case EPERM:
-        case EROFS:
-            // Opened as loopd itself (privileged caller): its own sandbox refused,
-            // not the caller's rights: Failed, naming the path (errors table).
-            if (caller.privileged)
-                throw std::system_error(err, std::generic_category(), "open " + path);
-            throw Error(Errc::AccessDenied, "cannot open " + path + (readOnly ? "" : " for writing") + ": " +
-                                                std::generic_category().message(err));
-        case EISDIR:
-            invalid(path, "is a directory");
-        case ELOOP:
-            invalid(path, "leads through a magic link (/proc/.../fd, /proc/.../root) or too many symlinks");
-        default:
+    return fd;
+}
+
+[[noreturn]] void openFailed(int err, const std::string& path, bool readOnly, const Credentials& caller)
+{
+    switch (err) {
+    case ENOENT:
+    case ENOTDIR:
+        throw Error(Errc::NotFound, "no such file: " + path);
+    case EACCES:
+    case EPERM:
+    case EROFS:
+        // Opened as loopd itself (privileged caller): its own sandbox refused,
+        // not the caller's rights: Failed, naming the path (errors table).
+        if (caller.privileged)
             throw std::system_error(err, std::generic_category(), "open " + path);
-        }
+        throw Error(Errc::AccessDenied, "cannot open " + path + (readOnly ? "" : " for writing") + ": " +
+                                            std::generic_category().message(err));
+    case EISDIR:
+        invalid(path, "is a directory");
+    case ELOOP:
+        invalid(path, "leads through a magic link (/proc/.../fd, /proc/.../root) or too many symlinks");
+    default:
+        throw std::system_error(err, std::generic_category(), "open " + path);
     }
+}
+
+} // namespace
+
+UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& caller)
+{
+    ThreadIdentity identity(caller);
+    UniqueFd fd =
+        openNoMagic(path, static_cast<uint64_t>((readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+    if (!fd)
+        openFailed(errno, path, readOnly, caller);
     // Back to blocking I/O: the flag was only there for the open of a fifo.
     const int status = ::fcntl(fd.get(), F_GETFL);
     if (status < 0 || ::fcntl(fd.get(), F_SETFL, status & ~O_NONBLOCK) < 0)
         throw std::system_error(errno, std::generic_category(), "fcntl " + path);
     return fd;
+}
+
+FileId identifyAs(const std::string& path, const Credentials& caller)
+{
+    UniqueFd fd;
+    {
+        ThreadIdentity identity(caller);
+        fd = openNoMagic(path, static_cast<uint64_t>(O_PATH | O_CLOEXEC));
+        if (!fd)
+            openFailed(errno, path, true, caller);
+    }
+    struct stat st {};
+    if (::fstat(fd.get(), &st) < 0)
+        throw std::system_error(errno, std::generic_category(), "fstat " + path);
+    return FileId{st.st_dev, st.st_ino};
 }
 
 BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset)

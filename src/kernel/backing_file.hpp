@@ -32,6 +32,18 @@ struct BackingFile {
 // O_NONBLOCK keeps a fifo from hanging the worker; the type check refuses it after.
 UniqueFd openAs(const std::string& path, bool readOnly, const Credentials& caller);
 
+// What names a file: its st_dev and st_ino (what LOOP_GET_STATUS64 reports as
+// lo_device and lo_inode).
+struct FileId {
+    dev_t device = 0;
+    ino_t inode = 0;
+};
+
+// The file path names now, looked up as openAs does (the caller's identity, no
+// magic links) but with O_PATH: no read permission needed, and neither a device
+// nor a FUSE file is opened. Symlinks are followed, as an open would.
+FileId identifyAs(const std::string& path, const Credentials& caller);
+
 // fstat()s the fd and checks it may back a loop device: a non-empty regular file or
 // a block device, larger than offset. Throws loopd::Error(InvalidArgument) naming
 // `what` otherwise.

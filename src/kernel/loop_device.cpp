@@ -235,6 +235,18 @@ void clear(int loopFd)
         fail("LOOP_CLR_FD");
 }
 
+void flushBuffers(int loopFd)
+{
+    if (ioctlRetry(loopFd, BLKFLSBUF, 0) < 0)
+        fail("BLKFLSBUF");
+}
+
+void setCapacity(int loopFd)
+{
+    if (ioctlRetry(loopFd, LOOP_SET_CAPACITY, 0) < 0)
+        fail("LOOP_SET_CAPACITY");
+}
+
 } // namespace loopd::kernel
 
 namespace loopd::kernel {

@@ -88,6 +88,15 @@ uint32_t logicalBlockSize(int loopFd);
 // openers it only marks the device autoclear.
 void clear(int loopFd);
 
+// LOOP_SET_CAPACITY: the device takes the backing file's present size (less the
+// offset, up to the size limit). The kernel sends the disk's "change" uevent
+// (RESIZE=1) when the size changed; partitions are left as they are.
+void setCapacity(int loopFd);
+
+// BLKFLSBUF: the device's page cache written back and dropped, so a read after
+// the backing file was changed behind the device (sfdisk on the image) sees it.
+void flushBuffers(int loopFd);
+
 // LOOP_SET_STATUS64 with LO_FLAGS_AUTOCLEAR set or cleared, the rest as it is: takes
 // back the autoclear a LOOP_CLR_FD left on a device that is still open elsewhere.
 void setAutoclear(int loopFd, bool on);

@@ -21,6 +21,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -398,6 +399,31 @@ void removePartition(int fd, unsigned number)
         std::this_thread::sleep_for(pause);
         pause = std::min<std::chrono::milliseconds>(pause * 2, 200ms);
     }
+}
+
+void resizePartition(int fd, const PartitionSpec& spec)
+{
+    if (blkpg(fd, BLKPG_RESIZE_PARTITION, spec) != 0)
+        fail(errno, "BLKPG_RESIZE_PARTITION " + std::to_string(spec.number));
+}
+
+std::optional<PartitionSpec> existingPartition(unsigned loopNumber, unsigned partition)
+{
+    const auto dir = "/sys/block/loop" + std::to_string(loopNumber) + "/loop" + std::to_string(loopNumber) + "p" +
+                     std::to_string(partition);
+    auto sectors = [&dir](const char* name) -> std::optional<uint64_t> {
+        UniqueFd fd(::open((dir + "/" + name).c_str(), O_RDONLY | O_CLOEXEC));
+        char text[32] = {};
+        if (!fd || ::read(fd.get(), text, sizeof(text) - 1) <= 0)
+            return std::nullopt;
+        return std::strtoull(text, nullptr, 10);
+    };
+    const auto start = sectors("start");
+    const auto size = sectors("size");
+    if (!start || !size)
+        return std::nullopt;
+    // sysfs counts 512-byte sectors whatever the logical block size.
+    return PartitionSpec{partition, *start * 512, *size * 512};
 }
 
 std::vector<unsigned> existingPartitions(unsigned loopNumber)

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <shared_mutex>
 #include <vector>
 
@@ -45,6 +46,14 @@ bool addPartition(int fd, const PartitionSpec& spec);
 // BLKPG_DEL_PARTITION; a partition that does not exist (ENXIO) is fine. EBUSY (the
 // partition is open) is retried for up to a few seconds before it is an error.
 void removePartition(int fd, unsigned number);
+
+// BLKPG_RESIZE_PARTITION: a partition's new size, same start. The kernel sends
+// no uevent for it.
+void resizePartition(int fd, const PartitionSpec& spec);
+
+// Where the kernel has partition K of loopN now (sysfs start and size); nullopt if
+// it has none. Non-blocking.
+std::optional<PartitionSpec> existingPartition(unsigned loopNumber, unsigned partition);
 
 // Partition numbers the kernel has for loopN now (from sysfs), in order. Non-blocking.
 std::vector<unsigned> existingPartitions(unsigned loopNumber);

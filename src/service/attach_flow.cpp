@@ -4,6 +4,7 @@
 #include "errors.hpp"
 #include "kernel/loop_device.hpp"
 #include "kernel/sysfs.hpp"
+#include "udev_tags.hpp"
 #include "uevent/monitor.hpp"
 
 #include <loopd/log.hpp>
@@ -294,6 +295,10 @@ void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>&
     if (s_.stopping)
         return abandon(id, Errc::Failed, "loopd is stopping", true);
     auto& stored = *s_.table.find(info.diskseq);
+    if (job.options.hidden) // before readiness: udev must see it in the events it is asked for
+        s_.udevTags->write(info.diskseq, {{"UDISKS_IGNORE", "1"},
+                                          {"LOOPD_REF", job.options.ref},
+                                          {"LOOPD_OWNER_UID", std::to_string(job.ownerUid)}});
     s_.settle(s_.registry.expect(id, core::Goal::Ready, stored.watch(), job.deadline, core::Clock::now() + nudgeAfter));
 }
 
@@ -306,6 +311,8 @@ void AttachFlow::ready(core::RequestId id)
     if (auto* device = s_.table.find(job.diskseq);
         !device->options.autoclear && kernel::sysfsAutoclear(device->info.number).value_or(true))
         return abandon(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
+    if (awaitUdevTags(id))
+        return;
     auto node = attaches_.extract(id);
     auto& done = node.mapped();
     s_.table.markReady(done.diskseq, realtimeUsec());
@@ -322,8 +329,33 @@ void AttachFlow::ready(core::RequestId id)
               done.ownerUid, done.sender, at(core::Clock::now()), at(t.authorized), at(t.configured),
               at(t.partitionsAdded), at(t.diskEvent), device.info.partitions.empty() ? "-" : at(t.lastPartitionEvent),
               at(core::Clock::now()), t.events, done.events == EventSource::Udev ? "udev" : "kernel");
-    if (done.vanished && device.options.lifetime == Lifetime::Client && onOrphaned)
+    if (done.vanished && device.tiedToClient() && onOrphaned)
         onOrphaned(done.diskseq);
+}
+
+// A hidden device is ready once udev has processed its properties too: events
+// asked for after they were written (UdevTags). True while that is awaited.
+bool AttachFlow::awaitUdevTags(core::RequestId id)
+{
+    auto& job = attaches_.at(id);
+    if (!job.options.hidden || job.tagged)
+        return false;
+    job.tagged = true;
+    const auto& device = *s_.table.find(job.diskseq);
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(job.deadline - core::Clock::now());
+    s_.udevTags->confirm(device.info.number, job.diskseq, device.info.partitions, device.source,
+                         std::max(left, std::chrono::milliseconds(1)), [this, id](bool confirmed) {
+                             const auto it = attaches_.find(id);
+                             if (it == attaches_.end() || it->second.abandoning)
+                                 return;
+                             if (!confirmed)
+                                 return abandon(id, Errc::Timeout,
+                                                "udev did not process its properties (hidden) in time; it was "
+                                                "detached again",
+                                                true);
+                             ready(id);
+                         });
+    return true;
 }
 
 // Before configure (or configure failed): nothing of the attach is in the table.

@@ -80,6 +80,7 @@ private:
         bool working = false;    // its kernel work is out on a thread
         bool answered = false;   // timed out while working: the caller has its reply
         bool reserved = false;   // its ref is reserved in the table
+        bool tagged = false;     // hidden: udev has processed its properties
         core::Record record{};
         log::Context about{}; // the journal's fields of this call's messages
         Timeline times{};
@@ -93,6 +94,7 @@ private:
     void run(core::RequestId id, const Caller& caller);
     void configured(core::RequestId id, const std::shared_ptr<Attached>& attached);
     void ready(core::RequestId id);
+    bool awaitUdevTags(core::RequestId id);
     void failed(core::RequestId id, std::exception_ptr error);
     void dropLate(core::RequestId id, const std::shared_ptr<Attached>& attached);
     [[nodiscard]] std::size_t heldBy(uint32_t uid) const;

@@ -380,6 +380,44 @@ DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info, DetachSteps& step
     }
 }
 
+DetachOutcome detachDeferred(UniqueFd& lockFd, const DeviceInfo& info, DetachSteps& steps)
+{
+    try {
+        checkUnclaimed(info);
+        steps.claimsChecked = core::Clock::now();
+        removePartitionsOrRestore(lockFd.get(), info);
+    } catch (const Error& e) {
+        if (e.code() != Errc::Busy)
+            throw;
+        // In use (mounted, or a partition open): its partitions stay (BLKPG cannot
+        // remove an open one; those removed were put back) and need no removing:
+        // the kernel drops them at the release, LO_FLAGS_PARTSCAN being set on
+        // every partscan device. Autoclear, then let go: the last close, the
+        // holder's, releases it.
+        kernel::setAutoclear(lockFd.get(), true);
+        closeUncopied(lockFd);
+        steps.cleared = core::Clock::now();
+        return released(info) ? DetachOutcome::Released : DetachOutcome::Deferred;
+    }
+    // Not in use but maybe open: LOOP_CLR_FD releases it now or at that opener's
+    // last close; either way it is not taken back.
+    kernel::clear(lockFd.get());
+    closeUncopied(lockFd);
+    steps.cleared = core::Clock::now();
+    const bool gone = releasedSoon(info);
+    steps.released = core::Clock::now();
+    return gone ? DetachOutcome::Released : DetachOutcome::Deferred;
+}
+
+void awaitPartitionsDropped(unsigned number) noexcept
+{
+    using namespace std::chrono_literals;
+    auto pause = 1ms;
+    for (auto waited = 0ms; waited < 2s && !kernel::existingPartitions(number).empty();
+         waited += pause, pause = std::min<std::chrono::milliseconds>(pause * 2, 50ms))
+        std::this_thread::sleep_for(pause);
+}
+
 void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
 {
     closeUncopied(lockFd);
@@ -408,87 +446,6 @@ void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
     } catch (const std::exception& e) {
         log::warn("undo of an attach failed dev={} diskseq={}: {}", kernel::loopDevNode(info.number), info.diskseq,
                   e.what());
-    }
-}
-
-namespace {
-
-// The device is still the recorded attachment: bound, same diskseq on an fd of
-// its own (no detach and re-attach can slip in between the check and the use).
-std::optional<UniqueFd> openIfStill(unsigned number, uint64_t diskseq)
-{
-    if (kernel::sysfsDiskseq(number) != diskseq || !kernel::sysfsBackingFile(number))
-        return std::nullopt;
-    auto fd = kernel::tryOpenLoop(number, true);
-    if (!fd || kernel::diskseq(fd->get()) != diskseq)
-        return std::nullopt;
-    return fd;
-}
-
-// Still loopd's: the recorded backing file and loopd's tag in lo_file_name
-// (core::loFileName), which no other tool sets.
-bool isTagged(int fd, const core::Record& record)
-{
-    const auto status = kernel::getStatus(fd);
-    // Configured records of loopd 0.1 carry no backing file: the tag decides alone.
-    const bool unknownFile = record.info.backingDevice == 0 && record.info.backingInode == 0;
-    return status && status->fileName == record.fileName &&
-           (unknownFile ||
-            (status->backingDevice == record.info.backingDevice && status->backingInode == record.info.backingInode));
-}
-
-void releaseDevice(int fd, unsigned number)
-{
-    for (const auto partition : kernel::existingPartitions(number))
-        kernel::removePartition(fd, partition);
-    kernel::clear(fd);
-}
-
-} // namespace
-
-std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
-{
-    readded = false;
-    const auto& info = record.info;
-    auto fd = openIfStill(info.number, info.diskseq);
-    if (!fd)
-        return std::nullopt;
-    if (!isTagged(fd->get(), record))
-        return std::nullopt;
-    kernel::lockFd(fd->get(), LOCK_SH);
-    const auto present = kernel::existingPartitions(info.number);
-    if (info.partscan && present.size() < info.partitions.size()) {
-        for (const auto& spec : kernel::probePartitionsConfined(fd->get(), core::Clock::now() + reprobeLimit))
-            kernel::addPartition(fd->get(), spec);
-        readded = true;
-    }
-    return fd;
-}
-
-void releaseRecorded(const core::Record& record)
-{
-    if (auto fd = openIfStill(record.info.number, record.info.diskseq); fd && isTagged(fd->get(), record))
-        releaseDevice(fd->get(), record.info.number);
-}
-
-void releaseIntent(const core::Record& intent, const std::set<unsigned>& skip)
-{
-    namespace fs = std::filesystem;
-    std::error_code ec;
-    for (const auto& entry : fs::directory_iterator("/sys/block", ec)) {
-        const auto name = entry.path().filename().string();
-        if (name.rfind("loop", 0) != 0 || !fs::exists(entry.path() / "loop"))
-            continue;
-        const auto number = static_cast<unsigned>(std::stoul(name.substr(4)));
-        if (skip.count(number))
-            continue;
-        auto fd = kernel::tryOpenLoop(number, true);
-        const auto status = fd ? kernel::getStatus(fd->get()) : std::nullopt;
-        if (status && status->backingDevice == intent.info.backingDevice &&
-            status->backingInode == intent.info.backingInode && status->fileName == intent.fileName) {
-            log::info("releasing dev={} left by a crash during attach", kernel::loopDevNode(number));
-            releaseDevice(fd->get(), number);
-        }
     }
 }
 

@@ -61,6 +61,20 @@ struct DetachSteps {
 };
 DetachOutcome detach(UniqueFd& lockFd, const DeviceInfo& info, DetachSteps& steps);
 
+// Detach with the release deferred (option `deferred`): as detach, but a device
+// in use is not Busy. Claimed (mounted): nothing is removed, autoclear is set and
+// loopd's fd closed, so the kernel releases the device at the holder's last close.
+// Open elsewhere after the clear: not taken back, left to that release. Deferred
+// then, else Released. lockFd is closed either way.
+DetachOutcome detachDeferred(UniqueFd& lockFd, const DeviceInfo& info, DetachSteps& steps);
+
+// A release loopd did not make (autoclear at a last close, `losetup -d`) is seen
+// at its first uevent, the disk's "change"; the kernel drops the partitions
+// after sending it (6.18: seen here 1 in 4 times, partitions still in sysfs when
+// DeviceRemoved went out). Waits up to 2 s for sysfs to show none, so that a
+// DeviceRemoved means the partitions are gone too.
+void awaitPartitionsDropped(unsigned number) noexcept;
+
 // Undoes a failed attach: the same as detach, but best effort.
 void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
 

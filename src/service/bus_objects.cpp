@@ -140,6 +140,11 @@ void ManagerObject::WaitReady(AttachResult&& result, std::string device, uint64_
     guarded(result, "WaitReady", [&] { handlers_.waitReady(std::move(result), std::move(device), timeoutUsec); });
 }
 
+void ManagerObject::Find(FindResult&& result, std::string path)
+{
+    guarded(result, "Find", [&] { handlers_.find(std::move(result), origin(), std::move(path)); });
+}
+
 std::string ManagerObject::Version()
 {
     return LOOPD_VERSION;

@@ -46,6 +46,9 @@ template <typename Result, typename F> void guarded(Result& result, const char* 
 
 using AttachResult = sdbus::Result<sdbus::ObjectPath, std::string, uint64_t, std::vector<std::string>>;
 using VoidResult = sdbus::Result<>;
+using FindResult = sdbus::Result<std::vector<sdbus::ObjectPath>>;
+using ResizeResult = sdbus::Result<uint64_t, std::vector<std::string>>;
+using OpenResult = sdbus::Result<sdbus::UnixFd>;
 using DbusOptions = std::map<std::string, sdbus::Variant>;
 
 inline constexpr const char* busName = "org.loopd1";
@@ -66,6 +69,9 @@ public:
     virtual void attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options) = 0;
     virtual void detach(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
     virtual void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) = 0;
+    virtual void find(FindResult&& result, const CallOrigin& from, std::string path) = 0;
+    virtual void resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
+    virtual void open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
     virtual std::string readinessSource() const = 0;
     virtual uint32_t deviceCount() const = 0;
 };
@@ -86,6 +92,7 @@ private:
     void AttachFd(AttachResult&& result, sdbus::UnixFd fd, DbusOptions options) override;
     void Detach(VoidResult&& result, uint64_t diskseq, DbusOptions options) override;
     void WaitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) override;
+    void Find(FindResult&& result, std::string path) override;
     std::string Version() override;
     std::string ReadinessSource() override;
     uint32_t Devices() override;
@@ -97,7 +104,7 @@ public:
     std::unique_ptr<DeviceObjects> devices; // under /org/loopd1/device
 };
 
-// Everything a Device object shows, fixed once it is ready. The references are
+// Everything a Device object shows. The references are
 // into the daemon's own record of the device, which outlives the object and does
 // not move (a std::map node): one copy per device, not two.
 struct DeviceProperties {

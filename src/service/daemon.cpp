@@ -65,11 +65,13 @@ Daemon::Daemon(DaemonConfig config)
       connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
       workers_(config_.workers), signalFd_(makeSignalFd()), records_(config_.runtimeDir + "/records"),
-      table_(RefLinks(config_.runtimeDir + "/by-ref")),
+      table_(RefLinks(config_.runtimeDir + "/by-ref")), udevTags_(config_.udevTagsDir, workers_),
       services_(*connection_, table_, registry_, workers_, records_, *this), callers_(*connection_, *busProxy_),
-      attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_)
+      attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_),
+      find_(services_, callers_), resize_(services_, callers_), open_(services_, callers_)
 {
     services_.limits = config_.limits;
+    services_.udevTags = &udevTags_;
     services_.settle = [this](const auto& outcomes) { settle(outcomes); };
     services_.resync = [this](unsigned number) { repair_.resync(number); };
     table_.onAdded = [this](const Device& device) { repair_.watch(device); };
@@ -185,6 +187,8 @@ void Daemon::onUevents(uevent::Monitor& monitor)
         }
         attach_.sawEvent(event);
         settle(registry_.onEvent(event));
+        resize_.onEvent(event);
+        udevTags_.onEvent(event);
         if (table_.owner(event.number))
             owned.insert(event.number);
     }
@@ -226,7 +230,7 @@ void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newO
     attach_.callerLeft(name);
     for (const auto diskseq : table_.diskseqs()) {
         auto& device = *table_.find(diskseq);
-        if (device.owner != name || device.options.lifetime != Lifetime::Client)
+        if (device.owner != name || !device.tiedToClient())
             continue;
         device.ownerGone = true; // a detach in progress that is refused detaches it after all
         if (device.state != DeviceState::Ready)
@@ -241,6 +245,8 @@ void Daemon::onRemoved(Device& device, RemovalReason reason)
 {
     if (!table_.owner(device.info.number))
         repair_.unwatch(device.info.number);
+    if (device.options.hidden)
+        udevTags_.remove(device.info.diskseq);
     const auto* name = reasonName(reason);
     if (!name) // abandoned while attaching: never listed, its attach flow has told its waiters
         return;
@@ -300,6 +306,21 @@ void Daemon::detach(VoidResult&& result, const CallOrigin& from, uint64_t diskse
 void Daemon::waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec)
 {
     attach_.waitReady(std::move(result), device, timeoutUsec);
+}
+
+void Daemon::find(FindResult&& result, const CallOrigin& from, std::string path)
+{
+    find_.request(std::move(result), from, std::move(path));
+}
+
+void Daemon::resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options)
+{
+    resize_.request(std::move(result), from, diskseq, options);
+}
+
+void Daemon::open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options)
+{
+    open_.request(std::move(result), from, diskseq, options);
 }
 
 std::string Daemon::readinessSource() const

@@ -7,9 +7,13 @@
 #include "device_table.hpp"
 #include "event_loop.hpp"
 #include "event_repair.hpp"
+#include "find_flow.hpp"
+#include "open_flow.hpp"
 #include "record_store.hpp"
 #include "recovery.hpp"
+#include "resize_flow.hpp"
 #include "services.hpp"
+#include "udev_tags.hpp"
 #include "watchdog.hpp"
 #include "worker_pool.hpp"
 
@@ -29,6 +33,7 @@ struct DaemonConfig {
     uevent::DropRules kernelDrops; // and the kernel's
     unsigned workers = 4;
     std::string runtimeDir = "/run/loopd";
+    std::string udevTagsDir = "/run/loopd/udev"; // where udev/90-loopd.rules looks
     Limits limits;
 };
 
@@ -44,6 +49,9 @@ public:
     void attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options) override;
     void detach(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
     void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) override;
+    void find(FindResult&& result, const CallOrigin& from, std::string path) override;
+    void resize(ResizeResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
+    void open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
     std::string readinessSource() const override;
     uint32_t deviceCount() const override;
 
@@ -69,12 +77,16 @@ private:
     Watchdog watchdog_;
     RecordStore records_;
     DeviceTable table_;
+    UdevTags udevTags_;
     Services services_;
     Callers callers_;
     AttachFlow attach_;
     DetachFlow detach_;
     EventRepair repair_;
     Recovery recovery_;
+    FindFlow find_;
+    ResizeFlow resize_;
+    OpenFlow open_;
     std::unique_ptr<ManagerObject> manager_;
 
     core::RequestId trimmedAt_ = 1; // issued ids at the last malloc_trim

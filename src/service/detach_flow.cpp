@@ -1,6 +1,7 @@
 #include "detach_flow.hpp"
 
 #include "attach_sequence.hpp"
+#include "device_objects.hpp"
 #include "errors.hpp"
 #include "kernel/loop_device.hpp"
 
@@ -15,8 +16,9 @@ void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t d
 {
     const auto& sender = from.sender;
     const auto name = "diskseq " + std::to_string(diskseq);
+    core::DetachOptions parsed;
     try {
-        core::parseDetachOptions(options);
+        parsed = core::parseDetachOptions(options);
     } catch (const Error& e) {
         throw Error(e.code(), "cannot detach " + name + ": " + e.what());
     }
@@ -26,6 +28,7 @@ void DetachFlow::request(VoidResult&& result, const CallOrigin& from, uint64_t d
     const auto id = s_.nextId();
     auto& pending =
         pending_.emplace(id, Pending{std::move(result), diskseq, RemovalReason::Detached, sender}).first->second;
+    pending.deferred = parsed.deferred;
     pending.about = device->about();
     pending.about.request = id;
     pending.started = core::Clock::now();
@@ -68,8 +71,16 @@ void DetachFlow::start(core::RequestId id)
             throw Error(Errc::NotFound, "diskseq " + std::to_string(diskseq) + " is no longer attached");
         if (device->state != DeviceState::Ready)
             throw Error(Errc::Busy,
-                        device->describe() + (device->state == DeviceState::Attaching ? " is still attaching"
-                                                                                      : " is being detached already"));
+                        device->describe() + (device->state == DeviceState::Attaching  ? " is still attaching"
+                                              : device->state == DeviceState::Resizing ? " is being resized"
+                                                                                       : " is being detached already"));
+        // Its release is the kernel's already (an earlier deferred detach): loopd
+        // holds no fd of it any more that a clear could go through.
+        if (!*device->lockFd) {
+            if (!pending_.at(id).deferred)
+                throw Error(Errc::Busy, device->describe() + " is in use; its release is deferred to its last close");
+            return reply(id, nullptr);
+        }
     } catch (...) {
         return reply(id, std::current_exception());
     }
@@ -84,11 +95,12 @@ void DetachFlow::start(core::RequestId id)
     writeRecord(s_.records, device->record(core::Record::State::Detaching));
     // A thread of its own: removing partitions waits seconds for transient
     // openers, and taking a device back reads the caller's image.
-    s_.workers.spawn([this, id, fd = device->lockFd, info = device->info, about = pending.about] {
+    s_.workers.spawn([this, id, fd = device->lockFd, info = device->info, deferred = pending.deferred,
+                      about = pending.about] {
         log::Scope scope{about};
         DetachSteps steps;
         try {
-            const auto outcome = service::detach(*fd, info, steps);
+            const auto outcome = deferred ? detachDeferred(*fd, info, steps) : service::detach(*fd, info, steps);
             return WorkerPool::Continuation([this, id, outcome, steps] { kernelDone(id, nullptr, outcome, steps); });
         } catch (...) {
             return WorkerPool::Continuation([this, id, error = std::current_exception(), steps] {
@@ -112,6 +124,8 @@ void DetachFlow::kernelDone(core::RequestId id, std::exception_ptr error, Detach
     }
     if (outcome == DetachOutcome::TakenBack)
         return takenBack(id);
+    if (outcome == DetachOutcome::Deferred && pending_.at(id).deferred)
+        return deferredToLastClose(id);
     if (outcome == DetachOutcome::Deferred) {
         const auto diskseq = pending_.at(id).diskseq;
         reply(id, std::make_exception_ptr(Error(
@@ -138,6 +152,27 @@ void DetachFlow::takenBack(core::RequestId id)
         s_.resync(device.info.number);
 }
 
+// Detach deferred, in use: the kernel releases the device at its last close. It
+// stays listed, owned and Ready, with Autoclear=true; that release comes as the
+// kernel's events for it (change, partition removes), after which sysfs shows no
+// backing file: EventRepair::checkOwned reports it with reason autoclear (the
+// device's options say autoclear now). No polling: the uevents carry it.
+void DetachFlow::deferredToLastClose(core::RequestId id)
+{
+    auto& device = *s_.table.find(pending_.at(id).diskseq);
+    device.info.autoclear = true;
+    device.options.autoclear = true;
+    device.state = DeviceState::Ready;
+    writeRecord(s_.records, device.record(core::Record::State::Owned));
+    log::info("detach deferred to the last close dev={} sender={}", device.describe(), pending_.at(id).sender);
+    reply(id, nullptr);
+    if (device.object)
+        device.object->propertiesChanged({"Autoclear"});
+    // Released between loopd's close and now, its events came while it was
+    // Detaching and were passed over: look once.
+    s_.resync(device.info.number);
+}
+
 void DetachFlow::readyAgain(core::RequestId id)
 {
     auto& device = *s_.table.find(pending_.at(id).diskseq);
@@ -152,7 +187,7 @@ void DetachFlow::readyAgain(core::RequestId id)
 // was refused): lifetime=client still holds.
 void DetachFlow::detachIfOrphaned(const Device& device)
 {
-    if (device.ownerGone && device.options.lifetime == Lifetime::Client && device.state == DeviceState::Ready)
+    if (device.ownerGone && device.tiedToClient() && device.state == DeviceState::Ready)
         own(device.info.diskseq, RemovalReason::ClientVanished);
 }
 

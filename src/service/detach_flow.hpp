@@ -35,6 +35,7 @@ private:
         std::string sender;       // for logs; empty for loopd's own
         uint64_t startedUsec = 0; // CLOCK_REALTIME when the kernel work began
         bool takingBack = false;  // open elsewhere: waiting for the device to be ready again
+        bool deferred = false;    // option deferred: in use, released at its last close
         log::Context about{};     // the journal's fields of this detach's messages
         core::Clock::time_point started{};
         DetachSteps steps{};
@@ -43,6 +44,7 @@ private:
     void start(core::RequestId id);
     void kernelDone(core::RequestId id, std::exception_ptr error, DetachOutcome outcome, DetachSteps steps);
     void takenBack(core::RequestId id);
+    void deferredToLastClose(core::RequestId id);
     void readyAgain(core::RequestId id);
     void detachIfOrphaned(const Device& device);
     void confirmed(core::RequestId id, bool timedOut);

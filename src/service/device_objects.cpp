@@ -138,6 +138,8 @@ namespace {
 using P = const DeviceProperties&;
 
 constexpr char detachName[] = "Detach";
+constexpr char resizeName[] = "Resize";
+constexpr char openName[] = "Open";
 
 // org.loopd1.Device as dbus/org.loopd1.xml declares it
 // (test_contract.py::test_device_object_matches_the_interface_xml compares).
@@ -147,6 +149,11 @@ const sd_bus_vtable deviceVtable[] = {
     SD_BUS_METHOD_WITH_ARGS("Detach", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT,
                             (DeviceVtable::method<VoidResult, &Handlers::detach, detachName>),
                             SD_BUS_VTABLE_UNPRIVILEGED),
+    SD_BUS_METHOD_WITH_ARGS("Resize", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("t", size, "as", partitions),
+                            (DeviceVtable::method<ResizeResult, &Handlers::resize, resizeName>),
+                            SD_BUS_VTABLE_UNPRIVILEGED),
+    SD_BUS_METHOD_WITH_ARGS("Open", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("h", fd),
+                            (DeviceVtable::method<OpenResult, &Handlers::open, openName>), SD_BUS_VTABLE_UNPRIVILEGED),
     SD_BUS_PROPERTY("DevNode", "s", property<[](P p) { return kernel::loopDevNode(p.info.number); }>, 0, changes),
     SD_BUS_PROPERTY("DiskSeq", "t", property<[](P p) { return p.info.diskseq; }>, 0, changes),
     SD_BUS_PROPERTY("Number", "u", property<[](P p) { return uint32_t{p.info.number}; }>, 0, changes),

@@ -71,6 +71,8 @@ core::Record Device::record(core::Record::State state) const
     r.owner = owner;
     r.ownerUid = ownerUid;
     r.readyTimestamp = readyTimestamp;
+    r.letGo = lockFd && !*lockFd;
+    r.hidden = options.hidden;
     return r;
 }
 
@@ -172,6 +174,22 @@ void DeviceTable::markReady(uint64_t diskseq, uint64_t realtimeUsec)
 void DeviceTable::setState(uint64_t diskseq, DeviceState state)
 {
     devices_.at(diskseq).state = state;
+}
+
+void DeviceTable::setPartitions(uint64_t diskseq, std::vector<unsigned> partitions)
+{
+    auto& device = devices_.at(diskseq);
+    const auto& ref = device.options.ref;
+    if (device.listed())
+        links_.unlink(ref, device.info.partitions);
+    device.info.partitions = std::move(partitions);
+    if (!device.listed())
+        return;
+    std::vector<unsigned> free;
+    for (const auto partition : device.info.partitions)
+        if (ref.empty() || !linkTaken(RefLinks::partitionName(ref, partition), ref))
+            free.push_back(partition);
+    links_.link(ref, device.info.number, free);
 }
 
 void DeviceTable::remove(uint64_t diskseq, RemovalReason reason)

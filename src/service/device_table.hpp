@@ -21,7 +21,9 @@ namespace loopd::service {
 
 class DeviceObject;
 
-enum class DeviceState { Attaching, Ready, Detaching };
+// Resizing: listed and usable, but its kernel state is being changed (Resize):
+// no detach or other resize meanwhile.
+enum class DeviceState { Attaching, Ready, Detaching, Resizing };
 
 // Why a device left the table. The first five are DeviceRemoved's reasons.
 enum class RemovalReason { Detached, ClientVanished, ForeignDetach, Autoclear, Timeout, Abandoned };
@@ -51,6 +53,12 @@ struct Device {
     ~Device();
 
     [[nodiscard]] bool listed() const { return readyTimestamp != 0; }
+    // Detached when its client leaves the bus: lifetime=client, and lifetime=fd
+    // until Device.Open handed out its first fd (then the kernel's autoclear).
+    [[nodiscard]] bool tiedToClient() const
+    {
+        return options.lifetime == Lifetime::Client || (options.lifetime == Lifetime::Fd && !options.autoclear);
+    }
     [[nodiscard]] core::Watch watch() const;
     // Its ownership record in the given state, made from what the device holds.
     [[nodiscard]] core::Record record(core::Record::State state) const;
@@ -93,6 +101,9 @@ public:
     // Ready now: listed, counted, linked.
     void markReady(uint64_t diskseq, uint64_t realtimeUsec);
     void setState(uint64_t diskseq, DeviceState state);
+    // A resize changed the device's partitions: its by-ref links follow. A new
+    // partition whose link another device's ref already names gets no link.
+    void setPartitions(uint64_t diskseq, std::vector<unsigned> partitions);
     // Takes the device out, with its number (if still its), ref and links.
     void remove(uint64_t diskseq, RemovalReason reason);
 

@@ -1,5 +1,7 @@
 #include "event_repair.hpp"
 
+#include "attach_sequence.hpp"
+
 #include "kernel/loop_device.hpp"
 #include "kernel/partitions.hpp"
 #include "kernel/sysfs.hpp"
@@ -126,8 +128,9 @@ void EventRepair::foreignDetach(uint64_t diskseq)
     // With autoclear asked for at attach, the kernel's release is the one expected.
     const auto reason = device.options.autoclear ? RemovalReason::Autoclear : RemovalReason::ForeignDetach;
     log::info("released by someone else dev={} reason={}", device.describe(), reasonName(reason));
-    s_.workers.submit([this, diskseq, reason, fd = device.lockFd] {
+    s_.workers.submit([this, diskseq, reason, fd = device.lockFd, number = device.info.number] {
         fd->reset();
+        awaitPartitionsDropped(number);
         return WorkerPool::Continuation([this, diskseq, reason] { s_.table.remove(diskseq, reason); });
     });
 }

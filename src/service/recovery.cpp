@@ -86,10 +86,15 @@ bool Recovery::adopt(const core::Record& record)
     }
     Device device;
     device.info = record.info;
+    // A device loopd let go of (Detach deferred, lifetime=fd after Open) is not
+    // held again: loopd's fd would keep the kernel from releasing it.
+    if (record.letGo)
+        fd->reset();
     device.lockFd = std::make_shared<UniqueFd>(std::move(*fd));
     device.options.ref = record.ref;
     device.options.lifetime = record.lifetime;
     device.options.autoclear = record.info.autoclear;
+    device.options.hidden = record.hidden;
     device.source = uevent::udevRunning() ? EventSource::Udev : EventSource::Kernel;
     device.owner = record.owner;
     device.ownerUid = record.ownerUid;
@@ -118,7 +123,7 @@ bool Recovery::adopt(const core::Record& record)
         readded_.push_back(diskseq);
     log::Scope about{stored.about()};
     log::info("adopted dev={} owner={} uid={}", stored.describe(), record.owner, record.ownerUid);
-    if (record.lifetime == Lifetime::Client)
+    if (stored.tiedToClient())
         clients_.push_back(diskseq);
     return true;
 }

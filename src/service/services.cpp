@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <random>
+#include <thread>
 
 namespace loopd::service {
 
@@ -15,6 +16,21 @@ uint64_t realtimeUsec()
     return static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
             .count());
+}
+
+void postAfter(WorkerPool& workers, std::chrono::milliseconds timeout, std::shared_ptr<std::atomic<bool>> done,
+               WorkerPool::Continuation then)
+{
+    workers.spawn([timeout, done = std::move(done), then = std::move(then)]() -> WorkerPool::Continuation {
+        constexpr std::chrono::milliseconds step{50};
+        const auto until = std::chrono::steady_clock::now() + timeout;
+        while (!*done && std::chrono::steady_clock::now() < until)
+            std::this_thread::sleep_for(
+                std::min<std::chrono::steady_clock::duration>(step, until - std::chrono::steady_clock::now()));
+        if (*done)
+            return [] {};
+        return then;
+    });
 }
 
 std::string makeUuid()

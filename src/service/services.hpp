@@ -8,8 +8,10 @@
 
 #include <sdbus-c++/IConnection.h>
 
+#include <atomic>
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <vector>
 
 // What every flow of the service room shares, handed to each by reference. The
@@ -19,6 +21,7 @@ namespace loopd::service {
 
 class ManagerObject;
 class Handlers;
+class UdevTags;
 
 // Detach confirmation: the remove events follow LOOP_CLR_FD within milliseconds.
 inline constexpr std::chrono::seconds releaseTimeout{10};
@@ -48,6 +51,7 @@ struct Services {
     const RecordStore& records;
     Handlers& handlers; // what Device objects forward their calls to
     ManagerObject* manager = nullptr;
+    UdevTags* udevTags = nullptr; // udev properties of hidden devices
     // Dispatches registry outcomes to the flow whose request each is.
     std::function<void(const std::vector<core::Outcome>&)> settle;
     // Reads what sysfs and udev's database say of a loop number now (EventRepair).
@@ -67,6 +71,13 @@ uint64_t realtimeUsec();
 std::string makeUuid();
 // Loop thread: writes a record, logging (not throwing) a failure.
 void writeRecord(const RecordStore& records, const core::Record& record) noexcept;
+// A deadline for flows that do not own the loop's timers (resize, udev tags): a
+// thread of its own sleeps until `timeout` and then posts `then`, or ends early,
+// posting nothing, once `*done` is set (looked at every 50 ms): no thread outlives
+// its wait by long.
+void postAfter(WorkerPool& workers, std::chrono::milliseconds timeout, std::shared_ptr<std::atomic<bool>> done,
+               WorkerPool::Continuation then);
+
 // Loop thread: registers a ready device's object (InterfacesAdded).
 void exportDevice(Services& services, Device& device);
 

@@ -222,6 +222,50 @@ def test_restart_of_loopd_keeps_image_devices(m):
     assert unit == {"ActiveState": "inactive", "Result": "success"}, unit
 
 
+def test_image_unit_bound_to_its_filesystem(m):
+    """loopd-image-generator binds loopd-image@NAME to the filesystem holding its
+    image (RequiresMountsFor=): with the image on a tmpfs mount unit, the image
+    unit requires and follows the mount, and stopping the mount stops the image
+    unit first (the device is detached), then unmounts (which a loop device still
+    holding the tmpfs would have made fail)."""
+    where = m.path("imagefs")
+    os.makedirs(where)
+    mount = harness.run("systemd-escape", "--path", "--suffix=mount", where).stdout.strip()
+    m.write_unit(mount, "[Unit]\nDescription=tmpfs holding an image\n"
+                        f"[Mount]\nWhat=tmpfs\nWhere={where}\nType=tmpfs\nOptions=size=80m\n")
+    image = os.path.join(where, "disk.img")
+    # The manager (and so the mount) lives in a mount namespace of its own: the
+    # image is made there, by a unit on the mount.
+    script = m.path("make-image.sh")
+    with open(script, "w") as f:
+        f.write(f"truncate -s 64M {image}\nprintf 'label: gpt\\n size=8MiB\\n size=8MiB\\n size=8MiB\\n' "
+                f"| sfdisk -q {image}\n")
+    m.write_unit("make-image.service", f"[Unit]\nRequires={mount}\nAfter={mount}\n"
+                                       f"[Service]\nType=oneshot\nExecStart=/bin/sh {script}\n")
+    m.image_config("t7", f"image = {image}\n")
+    harness.run("/bin/sh", os.path.join(BUILD, "loopd-image-generator"), m.units,
+                env={**os.environ, "LOOPD_IMAGES_DIR": m.images})
+    m.reload()
+    m.systemctl("start", "make-image.service")
+    unit = m.show("loopd-image@t7.service", "RequiresMountsFor", "Requires", "After")
+
+    def names(value):  # systemctl show quotes names with escapes, doubling the backslash
+        return [n.strip('"').replace("\\\\", "\\") for n in value.split()]
+    assert image in unit["RequiresMountsFor"] and mount in names(unit["Requires"]) and \
+        mount in names(unit["After"]), f"loopd-image@t7 is not bound to {mount}: {unit}"
+
+    m.systemctl("start", "loopd-image@t7.service")
+    devnode = os.readlink(m.by_ref("t7"))
+    diskseq = int(read_text(f"/sys/block/{loop_name(devnode)}/diskseq"))
+    verify_ready(devnode, diskseq, 3)
+
+    m.systemctl("stop", mount)  # returns once its jobs are done: the image unit's first
+    verify_detached(devnode, diskseq)
+    assert m.show("loopd-image@t7.service", "ActiveState")["ActiveState"] == "inactive"
+    state = m.show(mount, "ActiveState", "Result")
+    assert state == {"ActiveState": "inactive", "Result": "success"}, f"{mount}: {state}"
+
+
 def test_bus_activation_starts_hardened_loopd(m):
     """A call to org.loopd1 with loopd not running: dbus-daemon asks systemd for
     SystemdService=loopd.service, systemd starts it (Type=dbus: active once it owns

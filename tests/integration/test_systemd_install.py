@@ -58,6 +58,8 @@ def expected_files(options):
     polkit = options["polkit_actions_dir"] or pkg("polkit-gobject-1", "policydir")
     images = options["images_config_dir"] or os.path.join(under(options["sysconfdir"]), "loopd/images")
     completions = options["bash_completions_dir"] or pkg("bash-completion", "completionsdir")
+    generators = options["systemdsystemgeneratordir"] or pkg("systemd", "systemdsystemgeneratordir")
+    udev = options["udev_rules_dir"] or os.path.join(pkg("udev", "udevdir"), "rules.d")
     return {
         "loopd": os.path.join(under(options["sbindir"]), "loopd"),
         "loopctl": os.path.join(under(options["bindir"]), "loopctl"),
@@ -69,6 +71,8 @@ def expected_files(options):
         "polkit": os.path.join(polkit, "org.loopd1.policy"),
         "images": images,
         "completion": os.path.join(completions, "loopctl"),
+        "udev rule": os.path.join(udev, "90-loopd.rules"),
+        "generator": os.path.join(generators, "loopd-image-generator"),
     }
 
 
@@ -79,7 +83,7 @@ def check_installed(destdir, files, data_only=False):
         landed = destdir + path
         if what == "images":
             assert os.path.isdir(landed), f"{what}: no directory {path}"
-        elif what in ("loopd", "loopctl"):
+        elif what in ("loopd", "loopctl", "generator"):
             assert os.access(landed, os.X_OK), f"{what}: no executable {path}"
         else:
             assert os.path.isfile(landed), f"{what}: {path} not installed (in {destdir})"
@@ -92,7 +96,8 @@ def check_installed(destdir, files, data_only=False):
     image_unit = read("loopd-image@.service")
     assert f"ExecStart={files['loopctl']} attach --hold --ref=%i --config={files['images']}/%i.conf" \
         in image_unit, image_unit
-    for what in ("loopd.service", "loopd-image@.service", "activation"):
+    assert f'confdir="${{LOOPD_IMAGES_DIR:-{files["images"]}}}"' in read("generator"), read("generator")
+    for what in ("loopd.service", "loopd-image@.service", "activation", "generator"):
         left = re.findall(r"@[A-Za-z_]+@", read(what))
         assert not left, f"{what} has unsubstituted {left}"
 
@@ -121,13 +126,15 @@ def test_install_locations_can_be_overridden(env):
         "polkit_actions_dir": "/x/polkit",
         "images_config_dir": "/x/images",
         "bash_completions_dir": "/x/completions",
+        "udev_rules_dir": "/x/udev",
+        "systemdsystemgeneratordir": "/x/generators",
     }
     build = env.path("build")
     run("meson", "setup", build, SRC, *[f"-D{k}={v}" for k, v in overrides.items()], timeout=300)
     destdir = env.path("root")
     # Only the configured files: no need to compile anything for where they land.
     run("meson", "install", "-C", build, "--destdir", destdir, "--no-rebuild", "--quiet",
-        "--tags", "systemd,dbus,polkit,config,completion")
+        "--tags", "systemd,dbus,polkit,config,completion,udev")
     options = build_options(build)
     assert all(options[k] == v for k, v in overrides.items()), options
     files = expected_files(options)
@@ -153,7 +160,8 @@ def units_with_build_paths(env):
 def test_systemd_analyze_verify_every_unit(env):
     d = units_with_build_paths(env)
     units = [os.path.join(d, "loopd.service"), os.path.join(d, "loopd-image@foo.service")]
-    assert sorted(os.listdir(os.path.join(SRC, "systemd-units"))) == \
+    # loopd-image-generator is a program, not a unit (test_systemd.py runs it).
+    assert sorted(f for f in os.listdir(os.path.join(SRC, "systemd-units")) if not f.endswith("-generator.in")) == \
         ["loopd-image@.service.in", "loopd.service.in"], "a new unit needs verifying here too"
     p = run("systemd-analyze", "verify", *units, check=False)
     # verify exits 0 on many problems (unknown settings, bad values): any output fails.

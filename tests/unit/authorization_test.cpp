@@ -32,3 +32,16 @@ TEST_CASE("a caller detaches its own device; others' only with detach-others")
     // An unknown caller (no credentials) owns nothing, not even a device of uid -1.
     CHECK_FALSE(decide(Action::Detach, Caller{}, std::nullopt).allowed);
 }
+
+TEST_CASE("anyone may find; resize is as detach; open is for the owner or root only")
+{
+    CHECK(decide(Action::Find, Caller{1000}).allowed);
+    CHECK(decide(Action::Resize, Caller{1000}, 1000).allowed);
+    CHECK(decide(Action::Resize, Caller{1000}, 1001).polkitAction == "org.loopd1.detach-others");
+    CHECK(decide(Action::Open, Caller{1000}, 1000).allowed);
+    CHECK(decide(Action::Open, Caller{0, true}, 1000).allowed);
+    const auto stranger = decide(Action::Open, Caller{1001}, 1000);
+    CHECK_FALSE(stranger.allowed);
+    CHECK(stranger.polkitAction.empty());
+    CHECK_FALSE(decide(Action::Open, Caller{0, false}, 0).allowed);
+}

@@ -170,3 +170,22 @@ TEST_CASE("restart: every stale link goes, adopted devices are linked again")
     CHECK(table.listedCount() == 1);
     table.verify();
 }
+
+TEST_CASE("a resize's partitions are linked, removed ones unlinked, never over another device's ref")
+{
+    TempDir dir;
+    DeviceTable table{RefLinks(dir.path)};
+    table.reserveRef("web");
+    table.add(device(10, 3, "web", {1, 2}));
+    table.markReady(10, 1);
+    table.reserveRef("web-part3");
+    table.add(device(20, 5, "web-part3"));
+    table.markReady(20, 1);
+
+    table.setPartitions(10, {1, 3, 4});
+    CHECK(table.find(10)->info.partitions == std::vector<unsigned>{1, 3, 4});
+    CHECK(target(dir.path / "web-part1") == "/dev/loop3p1");
+    CHECK(target(dir.path / "web-part4") == "/dev/loop3p4");
+    CHECK_FALSE(fs::exists(fs::symlink_status(dir.path / "web-part2")));
+    CHECK(target(dir.path / "web-part3") == "/dev/loop5"); // the other device's, untouched
+}

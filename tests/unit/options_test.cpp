@@ -50,6 +50,7 @@ TEST_CASE("every option is parsed")
                                        {"direct-io", true},
                                        {"partscan", false},
                                        {"autoclear", true},
+                                       {"hidden", true},
                                        {"lifetime", std::string("client")},
                                        {"ref", std::string("root-image")},
                                        {"timeout-usec", uint64_t{2'000'000}},
@@ -61,6 +62,7 @@ TEST_CASE("every option is parsed")
     CHECK(o.directIo);
     CHECK_FALSE(o.partscan);
     CHECK(o.autoclear);
+    CHECK(o.hidden);
     CHECK(o.lifetime == Lifetime::Client);
     CHECK(o.ref == "root-image");
     CHECK(o.timeout == std::chrono::seconds(2));
@@ -105,6 +107,11 @@ TEST_CASE("detach takes no options")
 {
     CHECK_NOTHROW(parseDetachOptions({}));
     CHECK_THROWS_AS(parseDetachOptions({{"force", true}}), Error);
+    CHECK(parseDetachOptions({{"deferred", true}}).deferred);
+    CHECK_FALSE(parseDetachOptions({}).deferred);
+    CHECK_THROWS_AS(parseDetachOptions({{"deferred", uint32_t{1}}}), Error);
+    CHECK_NOTHROW(parseResizeOptions({}));
+    CHECK_THROWS_AS(parseResizeOptions({{"size", uint64_t{1}}}), Error);
 }
 
 TEST_CASE("a refused ref is quoted as ASCII, so the error is a valid D-Bus string")

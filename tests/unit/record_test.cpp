@@ -59,3 +59,18 @@ TEST_CASE("torn or foreign record files are refused, not half read")
     CHECK(parseRecord(text));
     CHECK_FALSE(parseRecord(text.substr(0, text.size() / 2)));
 }
+
+TEST_CASE("lifetime fd, a let-go device and hidden survive serialization")
+{
+    Record r;
+    r.state = Record::State::Owned;
+    r.lifetime = Lifetime::Fd;
+    r.letGo = true;
+    r.hidden = true;
+    const auto back = parseRecord(serialize(r));
+    REQUIRE(back);
+    CHECK(back->lifetime == Lifetime::Fd);
+    CHECK(back->letGo);
+    CHECK(back->hidden);
+    CHECK_FALSE(parseRecord(serialize(Record{}))->letGo);
+}
