@@ -113,7 +113,7 @@ struct DeviceVtable {
     static int method(sd_bus_message* message, void* found, sd_bus_error* error)
     {
         auto* object = static_cast<DeviceObject*>(found);
-        auto& objects = object->objects_;
+        auto& objects = *object->objects_; // found by the table: it is there
         try {
             auto call = adoptCall(message, objects.sdbus_);
             DbusOptions options;
@@ -198,40 +198,48 @@ DeviceObjects::DeviceObjects(sdbus::IObject& manager, Handlers& handlers) : hand
 
 DeviceObjects::~DeviceObjects()
 {
+    // Devices outliving the table (the daemon's members unwinding after a failed
+    // start) must not reach back into it.
+    for (auto& [diskseq, object] : objects_)
+        object->objects_ = nullptr;
     sd_bus_slot_unref(enumerator_);
     sd_bus_slot_unref(vtable_);
     sd_bus_unref(bus_);
 }
 
 DeviceObject::DeviceObject(DeviceObjects& objects, DeviceProperties properties)
-    : objects_(objects), p_(std::move(properties))
+    : objects_(&objects), p_(std::move(properties))
 {
-    objects_.objects_[p_.info.diskseq] = this;
-    if (!objects_.announcing_)
+    objects_->objects_[p_.info.diskseq] = this;
+    if (!objects_->announcing_)
         return;
     const auto path = devicePath(p_.info.diskseq);
-    if (const int r = sd_bus_emit_interfaces_added(objects_.bus_, path.c_str(), deviceInterface, nullptr); r < 0)
+    if (const int r = sd_bus_emit_interfaces_added(objects_->bus_, path.c_str(), deviceInterface, nullptr); r < 0)
         log::warn("InterfacesAdded not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
 }
 
 DeviceObject::~DeviceObject()
 {
-    objects_.objects_.erase(p_.info.diskseq);
-    if (!objects_.announcing_)
+    if (!objects_)
+        return;
+    objects_->objects_.erase(p_.info.diskseq);
+    if (!objects_->announcing_)
         return;
     const auto path = devicePath(p_.info.diskseq);
-    if (const int r = sd_bus_emit_interfaces_removed(objects_.bus_, path.c_str(), deviceInterface, nullptr); r < 0)
+    if (const int r = sd_bus_emit_interfaces_removed(objects_->bus_, path.c_str(), deviceInterface, nullptr); r < 0)
         log::warn("InterfacesRemoved not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
 }
 
 void DeviceObject::propertiesChanged(const std::vector<std::string>& names)
 {
+    if (!objects_)
+        return;
     std::vector<char*> list;
     for (const auto& name : names)
         list.push_back(const_cast<char*>(name.c_str()));
     list.push_back(nullptr);
     const auto path = devicePath(p_.info.diskseq);
-    if (const int r = sd_bus_emit_properties_changed_strv(objects_.bus_, path.c_str(), deviceInterface, list.data());
+    if (const int r = sd_bus_emit_properties_changed_strv(objects_->bus_, path.c_str(), deviceInterface, list.data());
         r < 0)
         log::warn("PropertiesChanged not sent diskseq={}: {}", p_.info.diskseq, std::strerror(-r));
 }

@@ -37,8 +37,9 @@ public:
 
 private:
     friend struct DeviceVtable;
+    friend class DeviceObjects;
 
-    DeviceObjects& objects_;
+    DeviceObjects* objects_; // null once the objects' table is gone (a failed start-up unwinding)
     DeviceProperties p_;
 };
 
