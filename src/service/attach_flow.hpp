@@ -49,6 +49,8 @@ public:
     // (if ever) it comes back.
     void onTime(core::Clock::time_point now);
     [[nodiscard]] bool waiting() const { return !waiters_.empty(); }
+    // udevd stayed away: readiness=auto requests count the kernel's events.
+    void fallBackToKernel();
 
     // A lifetime=client device became ready after its caller left.
     std::function<void(uint64_t diskseq)> onOrphaned;

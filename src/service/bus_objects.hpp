@@ -43,6 +43,7 @@ public:
     virtual void waitReady(AttachResult&& result, std::string device, uint64_t timeoutUsec) = 0;
     virtual std::string readinessSource() const = 0;
     virtual uint32_t deviceCount() const = 0;
+    virtual std::vector<std::string> kernelQuirks() const = 0;
 };
 
 class ManagerObject final : public sdbus::AdaptorInterfaces<org::loopd1::Manager_adaptor, sdbus::ObjectManager_adaptor,
@@ -52,6 +53,7 @@ public:
     ~ManagerObject();
     void devicesChanged();
     void readinessSourceChanged();
+    void kernelQuirksChanged();
     using org::loopd1::Manager_adaptor::emitDeviceRemoved;
 
 private:
@@ -62,6 +64,7 @@ private:
     std::string Version() override;
     std::string ReadinessSource() override;
     uint32_t Devices() override;
+    std::vector<std::string> KernelQuirks() override;
     CallOrigin origin() const;
 
     Handlers& handlers_;
