@@ -25,16 +25,19 @@ constexpr auto databaseGrace = std::chrono::milliseconds(20);
 // udev's database keeps no DISKSEQ; what it says is tied to an attachment thus:
 // - the disk counts when its disk/by-diskseq/S link is there (udev takes S from
 //   the event it processes, never from sysfs);
-// - a partition counts only once the disk does, and if its entry was written
-//   after the attach began. udevd runs the events of a disk and its partitions
-//   one at a time in kernel order (a child's event waits for its parent's and
-//   the other way round), and every event of an earlier attachment on this
-//   number - its partitions' remove events, which delete their entries, among
-//   them - precedes this attachment's events. So once udev has finished an event
-//   of the disk with S, a partition entry present is this attachment's, not one
-//   of an earlier partition with the same device number that udev had not yet
-//   removed. The time check keeps out entries a udevd that was down left behind
-//   (its successor never saw their remove events; tests/bench/RESULTS.md).
+// - a partition counts only once the disk does, if its entry describes
+//   partition k of this disk (ID_PART_ENTRY_DISK, ID_PART_ENTRY_NUMBER), and if it
+//   was written after the attach began. A partition's device number is reused by
+//   any disk's next partition, so the entry under it may still be another
+//   disk's (seen at 32 clients: loop5p2's entry read for a new loop2p1). udevd
+//   runs the events of a disk and its partitions one at a time in kernel order
+//   (a child's event waits for its parent's and the other way round), and every
+//   event of an earlier attachment on this number - its partitions' remove
+//   events, which delete their entries, among them - precedes this attachment's
+//   events; so once udev has finished an event of the disk with S, an entry that
+//   describes partition k of this disk is this attachment's. The time check
+//   keeps out entries a udevd that was down left behind (its successor never saw
+//   their remove events; tests/bench/RESULTS.md).
 core::EventLedger::View EventRepair::udevSnapshot(unsigned number, uint64_t diskseq,
                                                   const core::EventLedger::Partitions& present) const
 {
@@ -47,7 +50,8 @@ core::EventLedger::View EventRepair::udevSnapshot(unsigned number, uint64_t disk
     if (!view.disk)
         return view;
     for (const auto& [partition, entry] : entries)
-        if (partition != 0 && entry.initialized && present.count(partition) && entry.processedRealtimeUsec >= since)
+        if (partition != 0 && entry.initialized && present.count(partition) && entry.processedRealtimeUsec >= since &&
+            entry.partEntryDisk == disk->second.devnum && entry.partEntryNumber == partition)
             view.partitions.insert(partition);
     return view;
 }
@@ -104,7 +108,16 @@ void EventRepair::resync(unsigned number, bool kernelToo)
     if (kernelToo)
         s_.settle(s_.registry.resync(number, EventSource::Kernel, kernelView));
 
-    s_.settle(s_.registry.resync(number, EventSource::Udev, udevSnapshot(number, *diskseq, kernelView.partitions)));
+    auto udevView = udevSnapshot(number, *diskseq, kernelView.partitions);
+    // Without the kernel's view (a database write, a nudge) nothing was lost on
+    // the sockets: what udev's events said stands, the database only adds to it.
+    if (const auto& known = s_.registry.ledger().view(number, EventSource::Udev);
+        !kernelToo && known.diskseq == *diskseq) {
+        udevView.disk = udevView.disk || known.disk;
+        for (const auto p : known.partitions)
+            udevView.partitions.insert(p);
+    }
+    s_.settle(s_.registry.resync(number, EventSource::Udev, std::move(udevView)));
     checkOwned(number);
 }
 
