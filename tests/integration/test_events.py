@@ -25,8 +25,12 @@ from harness import (CALL_TIMEOUT, MANAGER_IFACE, MANAGER_PATH, Parallel, busctl
 
 IDLE_SECONDS = 10
 IN_FLIGHT = 8
+# Under the kernel matrix's TCG guest everything takes longer (guest-run.sh sets it).
+TIME_FACTOR = float(os.environ.get("LOOPD_TEST_TIME_FACTOR", "1"))
 # The issue's promise: done within a second of the new udevd's start.
-RETURN_LIMIT = 1.0
+RETURN_LIMIT = 1.0 * TIME_FACTOR
+# An attach whose events were lost, against the one-second nudge it cost before.
+LOST_EVENT_LIMIT = 0.5 * TIME_FACTOR
 
 
 def wakeups(pid):
@@ -100,7 +104,7 @@ def verify_kernel_ready(reply, image):
         assert ue.get("DISKSEQ") == str(diskseq), f"{devnode}p{k}: DISKSEQ={ue.get('DISKSEQ')}"
 
 
-def wait_in_flight(env, count, limit=20.0):
+def wait_in_flight(env, count, limit=20.0 * TIME_FACTOR):
     """Until `count` devices backed by this test's images are configured with
     their partitions (attaches waiting for events)."""
     deadline = time.monotonic() + limit
@@ -172,6 +176,8 @@ def test_udevd_restarted_with_attaches_in_flight(env):
                 env.start_udevd()
         for reply, image in zip(flight.replies, flight.images):
             verify_reply(reply, image)
+        print(f"# {IN_FLIGHT} replies {min(flight.arrived) - started:.3f} to "
+              f"{max(flight.arrived) - started:.3f} s after the new udevd's start")
         late = [f"{r['devnode']}: {t - started:.2f} s" for r, t in zip(flight.replies, flight.arrived)
                 if t - started > RETURN_LIMIT]
         assert not late, f"replies later than {RETURN_LIMIT} s after the new udevd's start: {late}"
@@ -198,7 +204,8 @@ def test_udevd_killed_and_not_restarted(env):
                 verify_kernel_ready(reply, image)
             assert busctl_get_property(MANAGER_PATH, MANAGER_IFACE, "ReadinessSource") == "kernel"
             slowest = max(flight.arrived) - killed
-            assert slowest < 3.0, f"the last attach replied {slowest:.2f} s after udevd died"
+            print(f"# {IN_FLIGHT} replies {min(flight.arrived) - killed:.3f} to {slowest:.3f} s after udevd died")
+            assert slowest < 3.0 * TIME_FACTOR, f"the last attach replied {slowest:.2f} s after udevd died"
             for reply in flight.replies:
                 busctl_detach(reply["diskseq"])
                 verify_detached(reply["devnode"], reply["diskseq"])
@@ -223,7 +230,7 @@ def test_lost_udev_events_cost_milliseconds(env):
             reply = held.add(pydbus_attach(image.path))
             took = time.monotonic() - started
             verify_reply(reply, image)
-            assert took < 0.5, f"attach with udev's partition events lost took {took:.2f} s"
+            assert took < LOST_EVENT_LIMIT, f"attach with udev's partition events lost took {took:.2f} s"
             busctl_detach(reply["diskseq"])
             verify_detached(reply["devnode"], reply["diskseq"])
     log = read_text(env.loopd_log)
@@ -247,7 +254,7 @@ def test_kernel_without_partition_uevents_is_learned(env):
             reply = held.add(pydbus_attach(image.path))
             took = time.monotonic() - started
             verify_reply(reply, image)
-            assert took < 0.5, f"attach without the kernel's partition events took {took:.2f} s"
+            assert took < LOST_EVENT_LIMIT, f"attach without the kernel's partition events took {took:.2f} s"
             busctl_detach(reply["diskseq"])
             verify_detached(reply["devnode"], reply["diskseq"])
     quirks = busctl_get_property(MANAGER_PATH, MANAGER_IFACE, "KernelQuirks")
