@@ -84,7 +84,9 @@ void EventLoop::run()
             // A handler's failure (a reply the bus refused, a sysfs read that went
             // wrong) is logged where it happened or here; the daemon serves on.
             try {
-                it->second();
+                // A copy: a handler may unwatch its own fd (the udevd pidfd does).
+                const auto handler = it->second;
+                handler();
             } catch (const std::exception& e) {
                 log::error("event handler failed: {}", e.what());
             }
