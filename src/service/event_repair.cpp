@@ -285,6 +285,12 @@ void EventRepair::udevReturned()
 
 void EventRepair::afterConfigure(const core::Watch& watch)
 {
+    // udev may have written its entries before the request was registered (the
+    // loop thread lags its sockets under load): those writes found nobody
+    // waiting, so the database is looked at once after the grace in any case.
+    if (watch.source == EventSource::Udev)
+        databaseDue_.emplace(watch.number, core::Clock::now() + databaseGrace);
+
     const auto& view = s_.registry.ledger().view(watch.number, EventSource::Kernel);
     const bool current = view.diskseq == watch.diskseq;
     const auto listed = kernel::existingPartitions(watch.number);

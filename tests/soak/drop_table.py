@@ -6,17 +6,20 @@ the kernel's and udev's alike (kernel:partN and partN, N = 1..3: what a kernel
 5.19-6.14 does, whose partitions created in LOOP_CONFIGURE send no uevent, so
 udev never sees them either). The configurations are interleaved, round after
 round, so that the machine's drift weighs on all alike; each soak holds the
-integration tests' lock (/tmp/loopd-itest.lock) for itself only.
+integration tests' lock (/tmp/loopd-itest.lock) for itself only. The order of
+the configurations is shuffled in each round.
 
 Prints one markdown table: attach p50 / p99 (ms) per configuration and client
 count, each round's figures and their median, and each one's ratio to the no-drop
 figures of the same round.
 
     tests/soak/drop_table.py [--rounds 3] [--cycles-1 60] [--cycles-32 20]
+                             [--clients 1,32] [--configs none,udev1,udev5,partitions]
 """
 
 import argparse
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -25,6 +28,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCK = "/tmp/loopd-itest.lock"
 PARTITION_RULES = [r for k in (1, 2, 3) for r in (f"kernel:part{k}", f"part{k}")]
+KEYS = ["none", "udev1", "udev5", "partitions"]
 CONFIGS = [
     ("no drops", 0.0, []),
     ("udev 1 %", 0.01, []),
@@ -54,23 +58,33 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cycles-1", type=int, default=60, help="cycles of the single client")
     p.add_argument("--cycles-32", type=int, default=20, help="cycles of each of 32 clients")
+    p.add_argument("--clients", default="1,32", help="client counts, comma-separated (1 and/or 32)")
+    p.add_argument("--configs", default=",".join(KEYS),
+                   help="configurations, comma-separated, of: " + ", ".join(KEYS))
+    p.add_argument("--seed", type=int, default=None, help="seed of the order shuffle")
     args = p.parse_args()
+    rng = random.Random(args.seed)
+    chosen = [c for c in CONFIGS if KEYS[CONFIGS.index(c)] in args.configs.split(",")]
+    counts = [int(c) for c in args.clients.split(",")]
     if os.geteuid() != 0:
         print("SKIP: the soak needs root")
         sys.exit(77)
     results = {}  # (clients, config) -> [(p50, p99, triggers, fail)] per round
     for rnd in range(args.rounds):
-        for clients, cycles in ((1, args.cycles_1), (32, args.cycles_32)):
-            for name, ratio, rules in CONFIGS:
+        for clients in counts:
+            cycles = args.cycles_1 if clients == 1 else args.cycles_32
+            # Shuffled each round, so that no configuration always runs first
+            # (the machine is shared: its speed drifts within minutes).
+            for name, ratio, rules in rng.sample(chosen, len(chosen)):
                 r = soak(clients, cycles, ratio, rules)
                 results.setdefault((clients, name), []).append(r)
                 print(f"# round {rnd + 1}: {clients} client(s), {name}: {r}", file=sys.stderr, flush=True)
     print("| clients | drops | attach p50 ms (rounds) | p99 ms (rounds) | p50 / no-drop | p99 / no-drop "
           "| synthetic triggers |")
     print("|---:|---|---|---|---:|---:|---:|")
-    for clients in (1, 32):
+    for clients in counts:
         base = results[(clients, "no drops")]
-        for name, _, _ in CONFIGS:
+        for name, _, _ in chosen:
             runs = results[(clients, name)]
             ok = [(r, b) for r, b in zip(runs, base) if r and b]
             p50s = " / ".join(f"{r[0]:.1f}" if r else "fail" for r in runs)
