@@ -35,20 +35,58 @@ std::vector<Nudge> Registry::nudges(Clock::time_point now, Clock::duration retry
         if (!request.nudgeAt || *request.nudgeAt > now)
             continue;
         request.nudgeAt = now + retry;
-        const auto& watch = request.watch;
-        const auto& view = ledger_.view(watch.number, watch.source);
-        const bool current = view.diskseq == watch.diskseq;
-        Nudge nudge{request.goal, watch, ++request.nudges, false, {}};
-        if (request.goal == Goal::Ready)
-            nudge.disk = !current || !view.disk;
-        for (const auto p : watch.partitions)
-            if ((request.goal == Goal::Ready) == (!current || view.partitions.count(p) == 0))
-                nudge.partitions.push_back(p);
-        due.insert_or_assign(watch.number, std::move(nudge));
+        due.insert_or_assign(request.watch.number, missing(request, ++request.nudges));
     }
     std::vector<Nudge> out;
     for (auto& [number, nudge] : due)
         out.push_back(std::move(nudge));
+    return out;
+}
+
+Nudge Registry::missing(const Request& request, unsigned attempt) const
+{
+    const auto& watch = request.watch;
+    const auto& view = ledger_.view(watch.number, watch.source);
+    const bool current = view.diskseq == watch.diskseq;
+    Nudge nudge{request.goal, watch, attempt, false, {}};
+    if (request.goal == Goal::Ready)
+        nudge.disk = !current || !view.disk;
+    for (const auto p : watch.partitions)
+        if ((request.goal == Goal::Ready) == (!current || view.partitions.count(p) == 0))
+            nudge.partitions.push_back(p);
+    return nudge;
+}
+
+std::vector<Nudge> Registry::lacking(EventSource source) const
+{
+    std::map<unsigned, Nudge> due; // one per device
+    for (const auto& [id, request] : requests_)
+        if (request.goal == Goal::Ready && request.watch.source == source)
+            due.insert_or_assign(request.watch.number, missing(request, request.nudges));
+    std::vector<Nudge> out;
+    for (auto& [number, nudge] : due)
+        out.push_back(std::move(nudge));
+    return out;
+}
+
+std::vector<Watch> Registry::watches(unsigned number) const
+{
+    std::vector<Watch> out;
+    const auto [first, last] = byNumber_.equal_range(number);
+    for (auto it = first; it != last; ++it)
+        out.push_back(requests_.at(it->second).watch);
+    return out;
+}
+
+std::vector<Outcome> Registry::retarget(RequestId id, EventSource source)
+{
+    std::vector<Outcome> out;
+    const auto it = requests_.find(id);
+    if (it == requests_.end())
+        return out;
+    it->second.watch.source = source;
+    if (const auto kind = evaluate(it->second))
+        settle(id, *kind, out);
     return out;
 }
 

@@ -58,8 +58,16 @@ public:
     std::vector<Outcome> resync(unsigned number, EventSource source, EventLedger::View snapshot);
     // Requests whose nudge time passed, one per device; each is due again after retry.
     std::vector<Nudge> nudges(Clock::time_point now, Clock::duration retry);
+    // Every Ready request of the given source, as a nudge naming what it still
+    // lacks; nudge times and attempts are left as they are (udevd came back).
+    [[nodiscard]] std::vector<Nudge> lacking(EventSource source) const;
     // Loop numbers with requests waiting on them.
     [[nodiscard]] std::vector<unsigned> watchedNumbers() const;
+    // What the requests waiting on loopN watch.
+    [[nodiscard]] std::vector<Watch> watches(unsigned number) const;
+    // A request counts another source's events from now on (udevd went away and a
+    // readiness=auto request falls back to the kernel's); may settle it at once.
+    std::vector<Outcome> retarget(RequestId request, EventSource source);
     std::vector<Outcome> onTime(Clock::time_point now);
     // Forgets a request without an outcome (its caller is handled elsewhere).
     void cancel(RequestId request);
@@ -79,6 +87,7 @@ private:
     std::vector<Outcome> reevaluate(unsigned number);
 
     [[nodiscard]] std::optional<Outcome::Kind> evaluate(const Request& request) const;
+    [[nodiscard]] Nudge missing(const Request& request, unsigned attempt) const;
     void settle(RequestId id, Outcome::Kind kind, std::vector<Outcome>& out);
 
     EventLedger ledger_;

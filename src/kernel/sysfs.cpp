@@ -67,9 +67,14 @@ std::optional<unsigned> loopNumberOf(int fd)
     struct statx st {};
     if (::statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE, &st) != 0 || !S_ISBLK(st.stx_mode))
         return std::nullopt;
+    return loopNumberOfDevt(st.stx_rdev_major, st.stx_rdev_minor);
+}
+
+std::optional<unsigned> loopNumberOfDevt(unsigned major, unsigned minor)
+{
     std::error_code ec;
-    const auto target = std::filesystem::read_symlink(
-        "/sys/dev/block/" + std::to_string(st.stx_rdev_major) + ":" + std::to_string(st.stx_rdev_minor), ec);
+    const auto target =
+        std::filesystem::read_symlink("/sys/dev/block/" + std::to_string(major) + ":" + std::to_string(minor), ec);
     if (ec)
         return std::nullopt;
     // .../block/loop3 for a disk, .../block/loop3/loop3p1 for a partition.

@@ -18,6 +18,8 @@ std::optional<bool> sysfsAutoclear(unsigned number);
 // N when fd is a block device that is /dev/loopN or one of its partitions
 // (/sys/dev/block/MAJ:MIN names it); nullopt for anything else.
 std::optional<unsigned> loopNumberOf(int fd);
+// The same for a device number (major:minor), e.g. of a udev database entry.
+std::optional<unsigned> loopNumberOfDevt(unsigned major, unsigned minor);
 
 // Asks the kernel to send the "change" uevent of loopN (partition 0) or loopNpK
 // again, tagged SYNTH_UUID=uuid, by writing "change <uuid>" to its uevent file.

@@ -33,9 +33,8 @@ std::string partitionList(const DeviceInfo& info)
 }
 
 // Which events count for a request: udev's when it runs (and was not declined).
-EventSource eventSourceFor(ReadinessMode mode)
+EventSource eventSourceFor(ReadinessMode mode, bool udev)
 {
-    const bool udev = uevent::udevRunning();
     if (mode == ReadinessMode::Udev && !udev)
         throw Error(Errc::Failed, "readiness=udev was asked for, but no udevd is running to confirm it");
     return mode == ReadinessMode::Kernel || !udev ? EventSource::Kernel : EventSource::Udev;
@@ -65,7 +64,7 @@ void AttachFlow::start(AttachResult&& result, const CallOrigin& from, std::strin
         if (!options.ref.empty() && s_.table.refInUse(options.ref))
             throw Error(Errc::InvalidArgument, "ref '" + options.ref + "' is already used by another loopd device");
         s_.table.checkRef(options.ref);
-        events = eventSourceFor(options.readiness);
+        events = eventSourceFor(options.readiness, s_.udevRunning);
     } catch (const Error& e) {
         throw Error(e.code(), "cannot attach " + what + ": " + e.what());
     }
@@ -294,12 +293,42 @@ void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>&
               info.readOnly ? " read-only" : "", info.directIo ? " direct-io" : "", partitionList(info));
     if (s_.stopping)
         return abandon(id, Errc::Failed, "loopd is stopping", true);
+    // Every event the kernel sent for this attach is in the sockets by now.
+    s_.drainEvents();
     auto& stored = *s_.table.find(info.diskseq);
     if (job.options.hidden) // before readiness: udev must see it in the events it is asked for
         s_.udevTags->write(info.diskseq, {{"UDISKS_IGNORE", "1"},
                                           {"LOOPD_REF", job.options.ref},
                                           {"LOOPD_OWNER_UID", std::to_string(job.ownerUid)}});
-    s_.settle(s_.registry.expect(id, core::Goal::Ready, stored.watch(), job.deadline, core::Clock::now() + nudgeAfter));
+    const auto watch = stored.watch();
+    s_.settle(s_.registry.expect(id, core::Goal::Ready, watch, job.deadline, core::Clock::now() + nudgeAfter));
+    if (attaches_.count(id) && !attaches_.at(id).abandoning)
+        s_.afterConfigure(watch);
+}
+
+// udevd went away and did not come back within the grace: a readiness=auto
+// request counts the kernel's events from now on (ReadinessSource says kernel).
+void AttachFlow::fallBackToKernel()
+{
+    std::vector<core::RequestId> ids;
+    for (auto& [id, job] : attaches_) {
+        if (job.options.readiness != ReadinessMode::Auto || job.events != EventSource::Udev)
+            continue;
+        job.events = EventSource::Kernel; // one not yet configured counts the kernel's too
+        if (job.diskseq != 0 && !job.abandoning)
+            ids.push_back(id);
+    }
+    for (const auto& [id, waiter] : waiters_)
+        if (const auto* device = s_.table.find(waiter.diskseq);
+            device && device->options.readiness == ReadinessMode::Auto)
+            ids.push_back(id);
+    for (const auto id : ids) {
+        if (const auto it = attaches_.find(id); it != attaches_.end())
+            if (auto* device = s_.table.find(it->second.diskseq))
+                device->source = EventSource::Kernel;
+        log::info("udevd is gone: request {} now counts the kernel's events", id);
+        s_.settle(s_.registry.retarget(id, EventSource::Kernel));
+    }
 }
 
 void AttachFlow::ready(core::RequestId id)

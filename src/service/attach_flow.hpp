@@ -53,6 +53,8 @@ public:
     [[nodiscard]] bool waiting() const { return !waiters_.empty(); }
     // An event came: for the timeline of the attach it belongs to.
     void sawEvent(const Uevent& event);
+    // udevd stayed away: readiness=auto requests count the kernel's events.
+    void fallBackToKernel();
 
     // A lifetime=client device became ready after its caller left.
     std::function<void(uint64_t diskseq)> onOrphaned;

@@ -113,6 +113,11 @@ void ManagerObject::readinessSourceChanged()
     emitPropertiesChangedSignal(org::loopd1::Manager_adaptor::INTERFACE_NAME, {"ReadinessSource"});
 }
 
+void ManagerObject::kernelQuirksChanged()
+{
+    emitPropertiesChangedSignal(org::loopd1::Manager_adaptor::INTERFACE_NAME, {"KernelQuirks"});
+}
+
 CallOrigin ManagerObject::origin() const
 {
     return originOf(*getObject().getCurrentlyProcessedMessage());
@@ -153,6 +158,11 @@ std::string ManagerObject::Version()
 std::string ManagerObject::ReadinessSource()
 {
     return handlers_.readinessSource();
+}
+
+std::vector<std::string> ManagerObject::KernelQuirks()
+{
+    return handlers_.kernelQuirks();
 }
 
 uint32_t ManagerObject::Devices()

@@ -74,6 +74,7 @@ public:
     virtual void open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) = 0;
     virtual std::string readinessSource() const = 0;
     virtual uint32_t deviceCount() const = 0;
+    virtual std::vector<std::string> kernelQuirks() const = 0;
 };
 
 class DeviceObjects;
@@ -85,6 +86,7 @@ public:
     ~ManagerObject();
     void devicesChanged();
     void readinessSourceChanged();
+    void kernelQuirksChanged();
     using org::loopd1::Manager_adaptor::emitDeviceRemoved;
 
 private:
@@ -96,6 +98,7 @@ private:
     std::string Version() override;
     std::string ReadinessSource() override;
     uint32_t Devices() override;
+    std::vector<std::string> KernelQuirks() override;
     CallOrigin origin() const;
 
     Handlers& handlers_;

@@ -31,11 +31,13 @@ using namespace std::chrono_literals;
 
 // Bus messages handled before the loop looks at its other fds again.
 constexpr unsigned busMessagesPerTurn = 64;
-// How often udevd is checked for life (ReadinessSource follows it).
-constexpr auto housekeepingInterval = 1s;
-// How often owned devices are checked for a foreign `losetup -d` that the node
-// watch did not see (LOOP_CLR_FD through an fd opened long before).
-constexpr auto releaseScanInterval = 5s;
+// How long requests that count udev's events wait for a udevd to return before
+// readiness=auto ones count the kernel's: a restart (a systemd upgrade) takes a
+// few hundred ms, and one that comes back completes them under udev readiness.
+constexpr auto udevReturnGrace = 1s;
+// A control socket that did not accept yet is asked again this often, this long.
+constexpr auto reprobeInterval = 10ms;
+constexpr auto reprobeLimit = 2s;
 
 // The path the kernel has for an open file, for humans; nullopt if it has none.
 std::optional<std::string> fdPath(int fd)
@@ -61,7 +63,7 @@ UniqueFd makeSignalFd()
 Daemon::Daemon(DaemonConfig config)
     // Subscribe before anything else, so no event of an attachment can pass unseen.
     : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
-      kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes, config_.kernelDrops),
+      kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes, config_.kernelDrops), udevWatch_(),
       connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
       workers_(config_.workers), signalFd_(makeSignalFd()), records_(config_.runtimeDir + "/records"),
@@ -74,6 +76,16 @@ Daemon::Daemon(DaemonConfig config)
     services_.udevTags = &udevTags_;
     services_.settle = [this](const auto& outcomes) { settle(outcomes); };
     services_.resync = [this](unsigned number) { repair_.resync(number); };
+    services_.drainEvents = [this] {
+        onUevents(kernelMonitor_);
+        onUevents(udevMonitor_);
+    };
+    services_.afterConfigure = [this](const core::Watch& watch) { repair_.afterConfigure(watch); };
+    services_.udevRunning = udevWatch_.running();
+    repair_.onQuirk = [this] {
+        if (manager_)
+            manager_->kernelQuirksChanged();
+    };
     table_.onAdded = [this](const Device& device) { repair_.watch(device); };
     table_.onRemoved = [this](Device& device, RemovalReason reason) { onRemoved(device, reason); };
     attach_.onOrphaned = [this](uint64_t diskseq) { detach_.own(diskseq, RemovalReason::ClientVanished); };
@@ -92,6 +104,8 @@ Daemon::Daemon(DaemonConfig config)
     loop_.watch(workers_.fd(), [this] { workers_.runContinuations(); });
     loop_.watch(signalFd_.get(), [this] { onSignal(); });
     loop_.watch(repair_.nodeWatchFd(), [this] { repair_.onNodeClosed(); });
+    loop_.watch(udevWatch_.fd(), [this] { onUdevWatch(); });
+    watchUdevPid();
     loop_.setPrepare([this] { return prepare(); });
 
     for (const auto diskseq : recovery_.run()) {
@@ -105,7 +119,6 @@ Daemon::Daemon(DaemonConfig config)
         });
     }
     recovery_.awaitReadded([this](int ms) { pumpEvents(ms); }, [this](unsigned number) { repair_.resync(number); });
-    udevSeen_ = uevent::udevRunning();
     if (config_.drops.any() || config_.kernelDrops.any())
         log::warn("test fault injection is on: udev events are dropped on purpose");
 
@@ -152,17 +165,21 @@ EventLoop::Wait Daemon::prepare()
     attach_.onTime(now);
     for (const auto& due : registry_.nudges(now, nudgeAfter))
         repair_.nudge(due);
-    if (now >= nextHousekeeping_)
-        housekeeping(now);
+    timers(now);
     if (services_.stopping && attach_.idle() && detach_.idle())
         loop_.stop();
 
+    // Every deadline below exists only while something is pending: idle, loopd
+    // sleeps in epoll_wait until an fd has news (issue 16).
     const auto poll = connection_->getEventLoopPollData();
     EventLoop::Wait wait{poll.fd, static_cast<uint32_t>(poll.events), registry_.nextDeadline()};
-    if (const auto attach = attach_.nextDeadline(); attach && (!wait.deadline || *attach < *wait.deadline))
-        wait.deadline = attach;
-    if (const auto ping = std::min(watchdog_.ping(now), nextHousekeeping_); !wait.deadline || ping < *wait.deadline)
-        wait.deadline = ping;
+    auto consider = [&wait](std::optional<core::Clock::time_point> t) {
+        if (t && (!wait.deadline || *t < *wait.deadline))
+            wait.deadline = t;
+    };
+    consider(attach_.nextDeadline());
+    consider(watchdog_.ping(now));
+    consider(nextTimer());
     if (const auto relative = poll.getRelativeTimeout()) {
         const auto busDeadline = core::Clock::now() + *relative;
         if (!wait.deadline || busDeadline < *wait.deadline)
@@ -257,24 +274,103 @@ void Daemon::onRemoved(Device& device, RemovalReason reason)
     attach_.deviceGone(device.info.diskseq, device.describe() + " was removed (" + name + ")");
 }
 
-void Daemon::housekeeping(core::Clock::time_point now)
+// What is due of loopd's own timers; each one is armed only while needed.
+void Daemon::timers(core::Clock::time_point now)
 {
-    nextHousekeeping_ = now + housekeepingInterval;
     // Idle after a burst of requests: give the heap pages their transient
     // allocations freed back to the kernel (glibc keeps them otherwise).
     if (services_.issued() != trimmedAt_ && attach_.idle() && detach_.idle() && !attach_.waiting()) {
         trimmedAt_ = services_.issued();
         malloc_trim(0);
     }
-    if (const bool udev = uevent::udevRunning(); udev != udevSeen_) {
-        udevSeen_ = udev;
-        log::warn("udevd {}; readiness source is now {}", udev ? "is back" : "stopped", readinessSource());
-        manager_->readinessSourceChanged();
+    if (const auto due = repair_.nextDatabaseCheck(); due && *due <= now) {
+        onUevents(udevMonitor_); // the event may be here by now
+        repair_.checkDatabase(now);
     }
-    if (now < nextReleaseScan_)
+    if (reprobeUntil_ && now >= nextReprobe_) {
+        nextReprobe_ = now + reprobeInterval;
+        udevWatch_.probe();
+        udevPresence(now);
+        if (reprobeUntil_ && (udevWatch_.running() || now >= *reprobeUntil_))
+            reprobeUntil_.reset();
+    }
+    if (fallBackAt_ && now >= *fallBackAt_) {
+        fallBackAt_.reset();
+        if (!services_.udevRunning)
+            attach_.fallBackToKernel();
+    }
+}
+
+std::optional<core::Clock::time_point> Daemon::nextTimer() const
+{
+    std::optional<core::Clock::time_point> next = repair_.nextDatabaseCheck();
+    auto consider = [&next](std::optional<core::Clock::time_point> t) {
+        if (t && (!next || *t < *next))
+            next = t;
+    };
+    if (reprobeUntil_)
+        consider(nextReprobe_);
+    consider(fallBackAt_);
+    return next;
+}
+
+// udev's runtime dir or database changed.
+void Daemon::onUdevWatch()
+{
+    const auto now = core::Clock::now();
+    const auto changes = udevWatch_.read();
+    if (changes.control) {
+        udevWatch_.probe();
+        if (!udevWatch_.running()) { // a socket between bind and listen, or a dead one
+            reprobeUntil_ = now + reprobeLimit;
+            nextReprobe_ = now + reprobeInterval;
+        }
+        udevPresence(now);
+    }
+    for (const auto& [major, minor] : changes.written)
+        if (const auto number = kernel::loopNumberOfDevt(major, minor))
+            repair_.databaseWritten(*number, now);
+    if (changes.overflow)
+        for (const auto number : registry_.watchedNumbers())
+            repair_.databaseWritten(number, now);
+}
+
+// The pidfd of the udevd that was running is readable: it exited.
+void Daemon::watchUdevPid()
+{
+    if (udevPidFd_ == udevWatch_.pidFd())
         return;
-    nextReleaseScan_ = now + releaseScanInterval;
-    repair_.scanReleased();
+    if (udevPidFd_ >= 0)
+        loop_.unwatch(udevPidFd_);
+    udevPidFd_ = udevWatch_.pidFd();
+    if (udevPidFd_ >= 0)
+        loop_.watch(udevPidFd_, [this] {
+            loop_.unwatch(udevPidFd_);
+            udevPidFd_ = -1;
+            udevWatch_.lost();
+            // A new udevd may have taken over already (its socket made before
+            // this one's exit was read): ask the socket, not only the pidfd.
+            udevWatch_.probe();
+            udevPresence(core::Clock::now());
+        });
+}
+
+// Follows udevWatch_'s view of udevd: ReadinessSource, and what waits for udev.
+void Daemon::udevPresence(core::Clock::time_point now)
+{
+    watchUdevPid();
+    const bool running = udevWatch_.running();
+    if (running == services_.udevRunning)
+        return;
+    services_.udevRunning = running;
+    log::warn("udevd {}; readiness source is now {}", running ? "answers again" : "went away", readinessSource());
+    manager_->readinessSourceChanged();
+    if (running) {
+        fallBackAt_.reset();
+        repair_.udevReturned();
+    } else {
+        fallBackAt_ = now + udevReturnGrace;
+    }
 }
 
 // ---- the D-Bus calls ----------------------------------------------------------
@@ -325,7 +421,12 @@ void Daemon::open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq,
 
 std::string Daemon::readinessSource() const
 {
-    return uevent::udevRunning() ? "udev" : "kernel";
+    return services_.udevRunning ? "udev" : "kernel";
+}
+
+std::vector<std::string> Daemon::kernelQuirks() const
+{
+    return repair_.kernelQuirks();
 }
 
 uint32_t Daemon::deviceCount() const

@@ -19,6 +19,7 @@
 
 #include "core/registry.hpp"
 #include "uevent/monitor.hpp"
+#include "uevent/udev_watch.hpp"
 
 #include <sdbus-c++/sdbus-c++.h>
 
@@ -54,6 +55,7 @@ public:
     void open(OpenResult&& result, const CallOrigin& from, uint64_t diskseq, core::OptionMap options) override;
     std::string readinessSource() const override;
     uint32_t deviceCount() const override;
+    std::vector<std::string> kernelQuirks() const override;
 
 private:
     EventLoop::Wait prepare();
@@ -62,12 +64,17 @@ private:
     void onNameOwnerChanged(const std::string& name, const std::string& newOwner);
     void onSignal();
     void onRemoved(Device& device, RemovalReason reason);
-    void housekeeping(core::Clock::time_point now);
     void settle(const std::vector<core::Outcome>& outcomes);
+    void onUdevWatch();
+    void udevPresence(core::Clock::time_point now);
+    void watchUdevPid();
+    void timers(core::Clock::time_point now);
+    [[nodiscard]] std::optional<core::Clock::time_point> nextTimer() const;
 
     DaemonConfig config_;
     uevent::Monitor udevMonitor_;
     uevent::Monitor kernelMonitor_;
+    uevent::UdevWatch udevWatch_;
     std::unique_ptr<sdbus::IConnection> connection_;
     std::unique_ptr<sdbus::IProxy> busProxy_;
     WorkerPool workers_;
@@ -90,9 +97,14 @@ private:
     std::unique_ptr<ManagerObject> manager_;
 
     core::RequestId trimmedAt_ = 1; // issued ids at the last malloc_trim
-    bool udevSeen_ = false;
-    core::Clock::time_point nextHousekeeping_{};
-    core::Clock::time_point nextReleaseScan_{};
+    int udevPidFd_ = -1;            // the pidfd the loop watches now
+    // A control socket appeared but did not answer yet (udevd between bind and
+    // listen): asked again shortly, until then.
+    std::optional<core::Clock::time_point> reprobeUntil_;
+    core::Clock::time_point nextReprobe_{};
+    // udevd went away with requests waiting for it: when readiness=auto ones fall
+    // back to the kernel's events unless a udevd answers first.
+    std::optional<core::Clock::time_point> fallBackAt_;
 };
 
 } // namespace loopd::service

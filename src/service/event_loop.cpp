@@ -4,8 +4,10 @@
 
 #include <sys/epoll.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
+#include <climits>
 #include <system_error>
 
 namespace loopd::service {
@@ -30,6 +32,14 @@ void EventLoop::watch(int fd, std::function<void()> onReadable)
     if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) < 0)
         fail("epoll_ctl");
     handlers_[fd] = std::move(onReadable);
+}
+
+void EventLoop::unwatch(int fd)
+{
+    if (handlers_.erase(fd) == 0)
+        return;
+    // ENOENT/EBADF: already gone with its file; nothing else can fail here.
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
 }
 
 void EventLoop::armBus(const Wait& wait)
@@ -57,7 +67,8 @@ void EventLoop::run()
         int timeoutMs = -1;
         if (wait.deadline) {
             const auto left = std::chrono::ceil<std::chrono::milliseconds>(*wait.deadline - Clock::now());
-            timeoutMs = static_cast<int>(std::max<long long>(0, std::min<long long>(left.count(), 60'000)));
+            // No cap beyond int's range: idle, loopd sleeps until something happens.
+            timeoutMs = static_cast<int>(std::clamp<long long>(left.count(), 0, INT_MAX));
         }
         const int n = ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeoutMs);
         if (n < 0) {
@@ -73,7 +84,9 @@ void EventLoop::run()
             // A handler's failure (a reply the bus refused, a sysfs read that went
             // wrong) is logged where it happened or here; the daemon serves on.
             try {
-                it->second();
+                // A copy: a handler may unwatch its own fd (the udevd pidfd does).
+                const auto handler = it->second;
+                handler();
             } catch (const std::exception& e) {
                 log::error("event handler failed: {}", e.what());
             }

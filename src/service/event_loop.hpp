@@ -25,6 +25,8 @@ public:
     EventLoop();
 
     void watch(int fd, std::function<void()> onReadable);
+    // Before the fd is closed (a closed fd leaves epoll by itself, its handler not).
+    void unwatch(int fd);
     // Called at the top of every iteration: does pending work, says what to wait for.
     void setPrepare(std::function<Wait()> prepare) { prepare_ = std::move(prepare); }
 

@@ -18,7 +18,45 @@ namespace {
 // udev still lacks though the kernel announced it: udev may have lost it.
 constexpr unsigned lastResortAttempt = 3;
 
+// The grace a database entry's event gets before the entry speaks for it: udevd
+// broadcasts right after writing it (after RUN= programs, if any).
+constexpr auto databaseGrace = std::chrono::milliseconds(20);
+
 } // namespace
+
+// udev's database keeps no DISKSEQ; what it says is tied to an attachment thus:
+// - the disk counts when its disk/by-diskseq/S link is there (udev takes S from
+//   the event it processes, never from sysfs);
+// - a partition counts only once the disk does, if its entry describes
+//   partition k of this disk (ID_PART_ENTRY_DISK, ID_PART_ENTRY_NUMBER), and if it
+//   was written after the attach began. A partition's device number is reused by
+//   any disk's next partition, so the entry under it may still be another
+//   disk's (seen at 32 clients: loop5p2's entry read for a new loop2p1). udevd
+//   runs the events of a disk and its partitions one at a time in kernel order
+//   (a child's event waits for its parent's and the other way round), and every
+//   event of an earlier attachment on this number - its partitions' remove
+//   events, which delete their entries, among them - precedes this attachment's
+//   events; so once udev has finished an event of the disk with S, an entry that
+//   describes partition k of this disk is this attachment's. The time check
+//   keeps out entries a udevd that was down left behind (its successor never saw
+//   their remove events; tests/bench/RESULTS.md).
+core::EventLedger::View EventRepair::udevSnapshot(unsigned number, uint64_t diskseq,
+                                                  const core::EventLedger::Partitions& present) const
+{
+    const auto* owner = s_.table.owner(number);
+    const auto since = owner ? owner->startedUsec : UINT64_MAX;
+    core::EventLedger::View view{diskseq, false, {}};
+    const auto entries = uevent::readUdevDatabase(number);
+    const auto disk = entries.find(0);
+    view.disk = disk != entries.end() && disk->second.initialized && disk->second.linkedDiskseq == diskseq;
+    if (!view.disk)
+        return view;
+    for (const auto& [partition, entry] : entries)
+        if (partition != 0 && entry.initialized && present.count(partition) && entry.processedRealtimeUsec >= since &&
+            entry.partEntryDisk == disk->second.devnum && entry.partEntryNumber == partition)
+            view.partitions.insert(partition);
+    return view;
+}
 
 EventRepair::EventRepair(Services& services) : s_(services) {}
 
@@ -72,21 +110,16 @@ void EventRepair::resync(unsigned number, bool kernelToo)
     if (kernelToo)
         s_.settle(s_.registry.resync(number, EventSource::Kernel, kernelView));
 
-    // udev's database keeps no DISKSEQ: the disk's by-diskseq link says which
-    // attachment udev processed it for, and a partition entry counts only if udev
-    // wrote it after the attach began (older ones are of an earlier attachment).
-    const auto* owner = s_.table.owner(number);
-    const auto since = owner ? owner->startedUsec : UINT64_MAX;
-    core::EventLedger::View udevView{*diskseq, false, {}};
-    for (const auto& [partition, entry] : uevent::readUdevDatabase(number)) {
-        if (!entry.initialized)
-            continue;
-        if (partition == 0)
-            udevView.disk = entry.linkedDiskseq == *diskseq;
-        else if (kernelView.partitions.count(partition) && entry.processedRealtimeUsec >= since)
-            udevView.partitions.insert(partition);
+    auto udevView = udevSnapshot(number, *diskseq, kernelView.partitions);
+    // Without the kernel's view (a database write, a nudge) nothing was lost on
+    // the sockets: what udev's events said stands, the database only adds to it.
+    if (const auto& known = s_.registry.ledger().view(number, EventSource::Udev);
+        !kernelToo && known.diskseq == *diskseq) {
+        udevView.disk = udevView.disk || known.disk;
+        for (const auto p : known.partitions)
+            udevView.partitions.insert(p);
     }
-    s_.settle(s_.registry.resync(number, EventSource::Udev, udevView));
+    s_.settle(s_.registry.resync(number, EventSource::Udev, std::move(udevView)));
     checkOwned(number);
 }
 
@@ -135,22 +168,6 @@ void EventRepair::foreignDetach(uint64_t diskseq)
     });
 }
 
-void EventRepair::scanReleased()
-{
-    // A sysfs read per owned device (10 ms with 1000 held): on a worker, so the
-    // loop answers meanwhile. Only the devices found marked are looked at again.
-    s_.workers.submit([this, owned = s_.table.ownedNumbers()] {
-        std::vector<unsigned> marked;
-        for (const auto number : owned)
-            if (kernel::sysfsAutoclear(number).value_or(true)) // unreadable: gone, look again
-                marked.push_back(number);
-        return WorkerPool::Continuation([this, marked = std::move(marked)] {
-            for (const auto number : marked)
-                checkReleased(number);
-        });
-    });
-}
-
 // An attach (or detach) waited a grace period for its events. What udev did may
 // have been lost on our socket: read its database. What the kernel never sent
 // (5.19-6.14 drop some loop uevents) is asked for again with a synthetic "change"
@@ -187,13 +204,22 @@ void EventRepair::nudge(const core::Nudge& due)
                     partitions.push_back(p);
         }
     }
+    trigger(number, due.watch.diskseq, disk, partitions, "missing");
+}
+
+// Asks the kernel to send the change events of the disk and these partitions
+// again (a sysfs write, on a worker: the kernel emits the uevent synchronously).
+void EventRepair::trigger(unsigned number, uint64_t diskseq, bool disk, const std::vector<unsigned>& partitions,
+                          const char* why)
+{
     if (!disk && partitions.empty())
         return;
     const auto uuid = makeUuid();
     std::string missing = disk ? "disk" : "";
     for (const auto p : partitions)
         missing += (missing.empty() ? "p" : ",p") + std::to_string(p);
-    log::info("synthetic trigger dev={} diskseq={} uuid={} missing={}", node, due.watch.diskseq, uuid, missing);
+    log::info("synthetic trigger dev={} diskseq={} uuid={} missing={} why={}", kernel::loopDevNode(number), diskseq,
+              uuid, missing, why);
     s_.workers.submit([number, disk, partitions, uuid] {
         try {
             if (disk)
@@ -206,6 +232,99 @@ void EventRepair::nudge(const core::Nudge& due)
         }
         return WorkerPool::Continuation([] {});
     });
+}
+
+void EventRepair::databaseWritten(unsigned number, core::Clock::time_point now)
+{
+    // Only a device someone waits for udev on; the first write starts the grace.
+    const auto watches = s_.registry.watches(number);
+    if (std::any_of(watches.begin(), watches.end(), [](const auto& w) { return w.source == EventSource::Udev; }))
+        databaseDue_.emplace(number, now + databaseGrace);
+}
+
+std::optional<core::Clock::time_point> EventRepair::nextDatabaseCheck() const
+{
+    std::optional<core::Clock::time_point> next;
+    for (const auto& [number, due] : databaseDue_)
+        if (!next || due < *next)
+            next = due;
+    return next;
+}
+
+void EventRepair::checkDatabase(core::Clock::time_point now)
+{
+    for (auto it = databaseDue_.begin(); it != databaseDue_.end();) {
+        if (it->second > now) {
+            ++it;
+            continue;
+        }
+        const auto number = it->first;
+        it = databaseDue_.erase(it);
+        // Still waiting for udev on it after the grace: the event was lost (or is
+        // late); the database says what it would have said.
+        const auto watches = s_.registry.watches(number);
+        const auto& view = s_.registry.ledger().view(number, EventSource::Udev);
+        const bool lacking = std::any_of(watches.begin(), watches.end(), [&](const core::Watch& w) {
+            if (w.source != EventSource::Udev)
+                return false;
+            if (view.diskseq != w.diskseq || !view.disk)
+                return true;
+            return std::any_of(w.partitions.begin(), w.partitions.end(),
+                               [&](unsigned p) { return view.partitions.count(p) == 0; });
+        });
+        if (!lacking)
+            continue;
+        log::info("udev database written without its event dev={}: re-enumerating udev's database",
+                  kernel::loopDevNode(number));
+        resync(number, false);
+    }
+}
+
+void EventRepair::udevReturned()
+{
+    for (const auto& due : s_.registry.lacking(EventSource::Udev)) {
+        resync(due.watch.number, false);
+        trigger(due.watch.number, due.watch.diskseq, due.disk, due.partitions, "udevd-returned");
+    }
+}
+
+void EventRepair::afterConfigure(const core::Watch& watch)
+{
+    // udev may have written its entries before the request was registered (the
+    // loop thread lags its sockets under load): those writes found nobody
+    // waiting, so the database is looked at once after the grace in any case.
+    if (watch.source == EventSource::Udev)
+        databaseDue_.emplace(watch.number, core::Clock::now() + databaseGrace);
+
+    const auto& view = s_.registry.ledger().view(watch.number, EventSource::Kernel);
+    const bool current = view.diskseq == watch.diskseq;
+    const auto listed = kernel::existingPartitions(watch.number);
+    const std::set<unsigned> present(listed.begin(), listed.end());
+    std::vector<unsigned> partitions;
+    for (const auto p : watch.partitions)
+        if (present.count(p) && (!current || view.partitions.count(p) == 0))
+            partitions.push_back(p);
+    const bool disk = !current || !view.disk;
+    if (disk)
+        learn("no-disk-uevent-on-configure", "dev=" + kernel::loopDevNode(watch.number));
+    // All of them: one partition re-added by a rescan at this very moment is not a habit.
+    if (!watch.partitions.empty() && partitions.size() == watch.partitions.size())
+        learn("no-partition-uevents-on-configure",
+              "dev=" + kernel::loopDevNode(watch.number) + " partitions=" + std::to_string(partitions.size()));
+    trigger(watch.number, watch.diskseq, disk, partitions, "not-sent-on-configure");
+}
+
+// Kernels 5.19 to 6.14 (before "loop: LOOP_CONFIGURE: send uevents for
+// partitions", backported to some stable series) create the partitions inside
+// LOOP_CONFIGURE with uevents suppressed. Seen once, it is said once.
+void EventRepair::learn(const std::string& quirk, const std::string& evidence)
+{
+    if (std::find(quirks_.begin(), quirks_.end(), quirk) != quirks_.end())
+        return;
+    quirks_.push_back(quirk);
+    log::warn("kernel quirk learned: {} ({}): the missing events are asked for at once", quirk, evidence);
+    if (onQuirk)
+        onQuirk();
 }
 
 } // namespace loopd::service

@@ -4,7 +4,12 @@
 
 #include "kernel/node_watch.hpp"
 
+#include <functional>
+#include <map>
+#include <optional>
 #include <set>
+#include <string>
+#include <vector>
 
 // When the event stream lies (DESIGN.md): lost events (ENOBUFS, dropped uevents)
 // are made up for from sysfs and udev's database; a missing event is asked for
@@ -29,17 +34,39 @@ public:
     // Reads sysfs and udev's database for one device (no waiting).
     void resync(unsigned number, bool kernelToo = true);
     void nudge(const core::Nudge& due);
-    // The safety net for a `losetup -d` the node watch missed: reads sysfs for
-    // every owned device on a worker.
-    void scanReleased();
+
+    // udevd wrote its database entry of a device of loopN: the event follows at
+    // once unless it is lost. Looked at after a short grace (checkDatabase).
+    void databaseWritten(unsigned number, core::Clock::time_point now);
+    [[nodiscard]] std::optional<core::Clock::time_point> nextDatabaseCheck() const;
+    // The entries whose grace passed and whose event still did not come: udev's
+    // database decides, by the rules of resync().
+    void checkDatabase(core::Clock::time_point now);
+    // A udevd answers again: what requests waiting for udev lack is asked for
+    // again, so that it processes them now (the old one may have died with them).
+    void udevReturned();
+    // Right after the kernel work of an attach, with the kernel's socket drained:
+    // every uevent of LOOP_CONFIGURE and BLKPG was sent before the worker
+    // returned, so what the kernel view lacks now, the kernel did not send.
+    void afterConfigure(const core::Watch& watch);
+    // What the kernel was seen to do differently (the KernelQuirks property).
+    [[nodiscard]] const std::vector<std::string>& kernelQuirks() const { return quirks_; }
+    std::function<void()> onQuirk; // a quirk was learned (PropertiesChanged)
 
 private:
+    void trigger(unsigned number, uint64_t diskseq, bool disk, const std::vector<unsigned>& partitions,
+                 const char* why);
+    void learn(const std::string& quirk, const std::string& evidence);
+    [[nodiscard]] core::EventLedger::View udevSnapshot(unsigned number, uint64_t diskseq,
+                                                       const core::EventLedger::Partitions& present) const;
     void checkOwned(unsigned number);
     void checkReleased(unsigned number);
     void foreignDetach(uint64_t diskseq);
 
     Services& s_;
     kernel::NodeWatch nodeWatch_;
+    std::map<unsigned, core::Clock::time_point> databaseDue_; // loop number -> when to look
+    std::vector<std::string> quirks_;
 };
 
 } // namespace loopd::service

@@ -56,6 +56,11 @@ struct Services {
     std::function<void(const std::vector<core::Outcome>&)> settle;
     // Reads what sysfs and udev's database say of a loop number now (EventRepair).
     std::function<void(unsigned number)> resync;
+    // Reads every uevent the sockets hold now.
+    std::function<void()> drainEvents;
+    // An attach's kernel work is done and its request registered (EventRepair).
+    std::function<void(const core::Watch&)> afterConfigure;
+    bool udevRunning = false; // a udevd listens (UdevWatch): readiness=auto means udev
     bool stopping = false;
     Limits limits;
 

@@ -11,10 +11,10 @@ Watchdog::Watchdog()
         interval_ = std::chrono::microseconds(usec / 2);
 }
 
-Watchdog::Clock::time_point Watchdog::ping(Clock::time_point now)
+std::optional<Watchdog::Clock::time_point> Watchdog::ping(Clock::time_point now)
 {
     if (interval_.count() == 0)
-        return now + std::chrono::hours(24);
+        return std::nullopt;
     if (now >= next_) {
         sd_notify(0, "WATCHDOG=1");
         next_ = now + interval_;

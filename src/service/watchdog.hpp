@@ -1,6 +1,7 @@
 #pragma once
 
 #include <chrono>
+#include <optional>
 
 namespace loopd::service {
 
@@ -10,8 +11,9 @@ class Watchdog {
 public:
     using Clock = std::chrono::steady_clock;
     Watchdog();
-    // Pings if due; returns when to call again (far away when disabled).
-    Clock::time_point ping(Clock::time_point now);
+    // Pings if due; returns when to call again (never when disabled: an idle
+    // loopd outside systemd's watchdog sleeps until something happens).
+    std::optional<Clock::time_point> ping(Clock::time_point now);
 
 private:
     std::chrono::microseconds interval_{0};

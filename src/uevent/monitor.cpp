@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <string_view>
 #include <system_error>
 
@@ -95,14 +96,19 @@ namespace {
 UdevEntry readEntry(udev_device* device)
 {
     UdevEntry entry;
+    const auto devnum = udev_device_get_devnum(device);
+    entry.devnum = std::to_string(major(devnum)) + ":" + std::to_string(minor(devnum));
     entry.initialized =
         udev_device_get_is_initialized(device) > 0 && !udev_device_get_property_value(device, "ID_PROCESSING");
     if (!entry.initialized)
         return entry;
+    if (const char* disk = udev_device_get_property_value(device, "ID_PART_ENTRY_DISK"))
+        entry.partEntryDisk = disk;
+    if (const char* number = udev_device_get_property_value(device, "ID_PART_ENTRY_NUMBER"))
+        entry.partEntryNumber = static_cast<unsigned>(std::strtoul(number, nullptr, 10));
     // The database file is rewritten each time udev processes the device; its
     // USEC_INITIALIZED is not (udev carries it over from an earlier device with the
     // same number). The file's change time says when udev last finished with it.
-    const auto devnum = udev_device_get_devnum(device);
     const auto path = "/run/udev/data/b" + std::to_string(major(devnum)) + ":" + std::to_string(minor(devnum));
     struct stat st {};
     if (::stat(path.c_str(), &st) == 0)
@@ -123,26 +129,27 @@ UdevEntry readEntry(udev_device* device)
 
 std::map<unsigned, UdevEntry> readUdevDatabase(unsigned number)
 {
+    // The disk's sysfs dir lists its partitions: a directory of a few entries,
+    // where an enumeration of the block subsystem would scan every block device
+    // (2000 here) on the loop thread.
     std::map<unsigned, UdevEntry> entries;
     const UdevPtr<udev> context(udev_new());
     if (!context)
         return entries;
-    const UdevPtr<udev_enumerate> enumerate(udev_enumerate_new(context.get()));
     const auto disk = "loop" + std::to_string(number);
-    if (!enumerate || udev_enumerate_add_match_subsystem(enumerate.get(), "block") < 0 ||
-        udev_enumerate_add_match_sysname(enumerate.get(), disk.c_str()) < 0 ||
-        udev_enumerate_add_match_sysname(enumerate.get(), (disk + "p*").c_str()) < 0 ||
-        udev_enumerate_scan_devices(enumerate.get()) < 0)
-        return entries;
-    udev_list_entry* entry;
-    udev_list_entry_foreach(entry, udev_enumerate_get_list_entry(enumerate.get()))
-    {
-        const UdevPtr<udev_device> device(udev_device_new_from_syspath(context.get(), udev_list_entry_get_name(entry)));
+    const auto diskPath = "/sys/class/block/" + disk;
+    std::vector<std::string> names{disk};
+    std::error_code ec;
+    for (const auto& child : std::filesystem::directory_iterator(diskPath, ec))
+        if (const auto name = child.path().filename().string(); name.rfind(disk + "p", 0) == 0)
+            names.push_back(name);
+    for (const auto& name : names) {
+        const UdevPtr<udev_device> device(udev_device_new_from_subsystem_sysname(context.get(), "block", name.c_str()));
         if (!device)
             continue;
-        const auto name = parseLoopName(udev_device_get_sysname(device.get()));
-        if (name && name->first == number)
-            entries[name->second] = readEntry(device.get());
+        const auto parsed = parseLoopName(udev_device_get_sysname(device.get()));
+        if (parsed && parsed->first == number)
+            entries[parsed->second] = readEntry(device.get());
     }
     return entries;
 }

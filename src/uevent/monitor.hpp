@@ -87,6 +87,14 @@ struct UdevEntry {
     // database file): a partition entry older than the attachment belongs to an
     // earlier one on that number.
     uint64_t processedRealtimeUsec = 0;
+    // "major:minor" of the device itself, and for a partition what blkid found in
+    // the table udev probed (ID_PART_ENTRY_DISK, ID_PART_ENTRY_NUMBER): a
+    // partition's device number is reused by other disks' partitions, so an entry
+    // left by another disk's partition that had it before can only be told apart
+    // by what it describes.
+    std::string devnum;
+    std::string partEntryDisk;
+    unsigned partEntryNumber = 0;
 };
 // loopN (partition 0) and its partitions that have a udev database entry, read
 // from /run/udev/data: for re-enumeration after lost events.

@@ -362,11 +362,13 @@ def test_losetup_detach_and_reattach_over_freed_number(env):
 
 
 def test_losetup_detach_during_attach(env):
-    """`losetup -d` while loopd's attach still waits for its events (the disk's
-    udev event is dropped, so readiness needs the synthetic trigger, ~1 s): the
-    call fails with DeviceChanged and loopd lets go of the device."""
-    env.restart_loopd(kill=False, loopd_args=["--test-drop", "disk"])
+    """`losetup -d` while loopd's attach still waits for its events (udevd is
+    paused with SIGSTOP, so udev processes nothing; a dropped event would no longer
+    do: udev's database entry speaks for it within milliseconds): the call fails
+    with DeviceChanged and loopd lets go of the device."""
+    env.require_own_udevd()
     image = env.image("gpt3")
+    os.kill(env.udevd_pid, signal.SIGSTOP)
     proc = start_busctl(busctl_attach_cmd(image.path))
     with detaching() as held:
         try:
@@ -386,6 +388,8 @@ def test_losetup_detach_during_attach(env):
             else:
                 raise AssertionError(f"the attach of {devnode} succeeded although losetup -d "
                                      f"released it while the call waited: {reply}")
+            finally:
+                os.kill(env.udevd_pid, signal.SIGCONT)
             assert devices_count() == 0, f"Devices is {devices_count()} after the failed attach"
             held = fds_on(env.loopd.pid, devnode, image.path)
             assert not held, f"loopd still holds {held} after replying DeviceChanged"
@@ -398,6 +402,7 @@ def test_losetup_detach_during_attach(env):
                 time.sleep(0.05)
             assert env.attached_here() == [], f"left attached: {env.attached_here()}"
         finally:
+            os.kill(env.udevd_pid, signal.SIGCONT)
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()

@@ -27,6 +27,9 @@ export LOOPD_LOG_LEVEL=${LOG_LEVEL:-debug}
 # ("udevadm monitor": "Running in chroot, ignoring request"); this guest is a whole
 # machine of its own, so tell them to go ahead.
 export SYSTEMD_IGNORE_CHROOT=1
+# TCG runs the guest 10-50x slower than the host: tests that state how soon
+# something happens (test_events.py) allow this many times as long.
+export LOOPD_TEST_TIME_FACTOR=${LOOPD_TEST_TIME_FACTOR:-10}
 
 # Every kernel uevent of the run, as evidence for what the kernel sent.
 udevadm monitor --kernel --property >"$out/uevents.log" 2>&1 &

@@ -47,6 +47,9 @@ def parse_args():
     p.add_argument("--cycles", type=int, default=300, help="attach/detach cycles per client")
     p.add_argument("--drop-ratio", type=float, default=0.05,
                    help="probability with which loopd's fault hook drops each udev event")
+    p.add_argument("--drop-rule", action="append", default=[], metavar="RULE",
+                   help="another --test-drop rule for loopd (repeatable), e.g. kernel:part1 "
+                        "or part1 (every event of partition 1 the kernel sent on its own)")
     p.add_argument("--seed", type=int, default=None, help="fault hook seed (default: random)")
     p.add_argument("--sample-after", type=int, default=100,
                    help="cycles after which fds and RSS are read first (default 100; "
@@ -252,6 +255,7 @@ def report(args, stats, samples, leaked, duration, log):
     rows = [
         ("clients x cycles", f"{args.clients} x {args.cycles}"),
         ("drop ratio, seed", f"{args.drop_ratio}, {args.seed}"),
+        ("drop rules", " ".join(args.drop_rule) or "none"),
         ("cycles completed", f"{stats.cycles} of {total} in {duration:.1f} s"),
         ("wrong devices", len(stats.wrong)),
         ("hung calls", len(stats.hung)),
@@ -259,7 +263,7 @@ def report(args, stats, samples, leaked, duration, log):
         ("leaked", len(leaked)),
         ("synthetic triggers", log.count("synthetic trigger")),
         ("re-enumerations", log.count("re-enumerat")),
-        ("attach ms p50/p99/max", "{:.0f} / {:.0f} / {:.0f}".format(
+        ("attach ms p50/p99/max", "{:.1f} / {:.1f} / {:.1f}".format(
             percentile(stats.attach_ms, 50), percentile(stats.attach_ms, 99),
             max(stats.attach_ms, default=float("nan")))),
         (f"loopd fds after {args.sample_after} / end", f"{mid[0] if mid else 'n/a'} / {end[0]}"),
@@ -304,7 +308,10 @@ def main():
     signal.signal(signal.SIGTERM, harness._on_sigterm)  # meson's timeout: clean up
     ok = False
     try:
-        with Env(["--test-drop", f"random:{args.drop_ratio}", "--test-seed", str(args.seed)]) as env:
+        loopd_args = ["--test-drop", f"random:{args.drop_ratio}", "--test-seed", str(args.seed)]
+        for rule in args.drop_rule:
+            loopd_args += ["--test-drop", rule]
+        with Env(loopd_args) as env:
             ok = report(args, *soak(env, args))
             if not ok:
                 os.environ["LOOPD_TEST_KEEP"] = "1"  # the logs explain the failure: keep them

@@ -219,3 +219,47 @@ TEST_CASE("nothing seen yet: the nudge asks for the disk and every partition")
     CHECK(due[0].disk);
     CHECK(due[0].partitions == std::vector<unsigned>{1, 2, 3});
 }
+
+TEST_CASE("udevd gone: a request retargeted to the kernel's events settles on what the kernel said")
+{
+    Registry registry;
+    registry.expect(1, Goal::Ready, watch3(), deadline, t0 + 1s);
+    // The kernel announced everything; udev died before processing any of it.
+    for (const unsigned p : {0U, 1U, 2U, 3U})
+        CHECK(
+            registry.onEvent(ev(p ? UeventAction::Add : UeventAction::Change, p, 40, 3, EventSource::Kernel)).empty());
+    const auto out = registry.retarget(1, EventSource::Kernel);
+    REQUIRE(out.size() == 1);
+    CHECK(out[0].kind == Kind::Ready);
+    CHECK(out[0].watch.source == EventSource::Kernel);
+    CHECK(registry.pending() == 0);
+    CHECK(registry.retarget(1, EventSource::Kernel).empty()); // settled once
+}
+
+TEST_CASE("retargeted to a source that saw nothing yet, a request keeps waiting")
+{
+    Registry registry;
+    registry.expect(1, Goal::Ready, watch3(), deadline);
+    CHECK(registry.retarget(1, EventSource::Kernel).empty());
+    CHECK(registry.watches(3).at(0).source == EventSource::Kernel);
+    CHECK(feed(registry, {ev(UeventAction::Change, 0, 40, 3, EventSource::Kernel),
+                          ev(UeventAction::Add, 1, 40, 3, EventSource::Kernel),
+                          ev(UeventAction::Add, 2, 40, 3, EventSource::Kernel),
+                          ev(UeventAction::Add, 3, 40, 3, EventSource::Kernel)})
+              .size() == 1);
+}
+
+TEST_CASE("udevd back: lacking names what udev still misses, without touching nudge times")
+{
+    Registry registry;
+    registry.expect(1, Goal::Ready, watch3(), deadline, t0 + 1s);
+    registry.expect(2, Goal::Ready, Watch{50, 4, {}, EventSource::Kernel}, deadline, t0 + 1s);
+    feed(registry, {ev(UeventAction::Change, 0, 40), ev(UeventAction::Add, 2, 40)});
+    const auto due = registry.lacking(EventSource::Udev);
+    REQUIRE(due.size() == 1); // the kernel-readiness request is not udev's
+    CHECK(due[0].watch.number == 3);
+    CHECK_FALSE(due[0].disk);
+    CHECK(due[0].partitions == std::vector<unsigned>{1, 3});
+    CHECK(registry.nudges(t0 + 500ms, 1s).empty());
+    CHECK(registry.nudges(t0 + 1s, 1s).size() == 2);
+}
