@@ -214,6 +214,7 @@ void EventRepair::trigger(unsigned number, uint64_t diskseq, bool disk, const st
 {
     if (!disk && partitions.empty())
         return;
+    log::Scope about{{.diskseq = diskseq, .device = kernel::loopDevNode(number)}};
     const auto uuid = makeUuid();
     std::string missing = disk ? "disk" : "";
     for (const auto p : partitions)
@@ -274,8 +275,11 @@ void EventRepair::checkDatabase(core::Clock::time_point now)
         });
         if (!lacking)
             continue;
-        log::info("udev database written without its event dev={}: re-enumerating udev's database",
-                  kernel::loopDevNode(number));
+        const auto waited = std::find_if(watches.begin(), watches.end(),
+                                         [](const core::Watch& w) { return w.source == EventSource::Udev; });
+        log::Scope about{{.diskseq = waited->diskseq, .device = kernel::loopDevNode(number)}};
+        log::info("udev database written without its event dev={} diskseq={}: re-enumerating udev's database",
+                  kernel::loopDevNode(number), waited->diskseq);
         resync(number, false);
     }
 }
