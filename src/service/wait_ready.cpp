@@ -1,0 +1,52 @@
+// WaitReady, and what AttachFlow tells those waiting (AttachFlow's part that
+// waits for devices others attached; the attach itself is attach_flow.cpp).
+#include "attach_flow.hpp"
+
+#include "errors.hpp"
+
+namespace loopd::service {
+
+void AttachFlow::waitReady(AttachResult&& result, const std::string& name, uint64_t timeoutUsec)
+{
+    if (timeoutUsec > maxTimeoutUsec)
+        throw Error(Errc::InvalidArgument, "cannot wait for '" + name + "': timeout_usec " +
+                                               std::to_string(timeoutUsec) + " is beyond " +
+                                               std::to_string(maxTimeoutUsec));
+    auto* device = s_.table.resolve(name);
+    if (!device || device->state == DeviceState::Detaching)
+        throw Error(Errc::NotFound, "no loopd device '" + name + "'");
+    if (device->state == DeviceState::Ready)
+        return replyReady(result, *device);
+    const auto timeout = timeoutUsec ? std::chrono::microseconds(timeoutUsec) : std::chrono::microseconds(10'000'000);
+    const auto id = s_.nextId();
+    waiters_.emplace(id, Waiter{std::move(result), device->info.diskseq});
+    s_.settle(s_.registry.expect(id, core::Goal::Ready, device->watch(), core::Clock::now() + timeout));
+}
+
+void AttachFlow::settleWaiter(core::RequestId id, const core::Outcome& outcome)
+{
+    auto node = waiters_.extract(id);
+    auto& [result, diskseq] = node.mapped();
+    const auto* device = s_.table.find(diskseq);
+    const auto name = "diskseq " + std::to_string(diskseq);
+    if (outcome.kind == core::Outcome::Kind::Ready && device)
+        return replyReady(result, *device);
+    if (outcome.kind == core::Outcome::Kind::Changed)
+        return result.returnError(makeDbusError(Errc::DeviceChanged, name + " was replaced by someone else"));
+    result.returnError(makeDbusError(Errc::Timeout, name + " was not ready within the timeout"));
+}
+
+void AttachFlow::deviceGone(uint64_t diskseq, const std::string& message)
+{
+    for (auto it = waiters_.begin(); it != waiters_.end();) {
+        if (it->second.diskseq != diskseq) {
+            ++it;
+            continue;
+        }
+        s_.registry.cancel(it->first);
+        it->second.result.returnError(makeDbusError(Errc::DeviceChanged, message));
+        it = waiters_.erase(it);
+    }
+}
+
+} // namespace loopd::service
