@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <filesystem>
 #include <iterator>
 #include <optional>
 #include <system_error>
@@ -258,6 +259,15 @@ BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset)
     file.inode = st.st_ino;
     file.fd = std::move(fd);
     return file;
+}
+
+std::optional<std::string> pathOfFd(int fd)
+{
+    std::error_code ec;
+    auto path = std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), ec);
+    if (ec || path.empty() || path.native().front() != '/')
+        return std::nullopt;
+    return path.string();
 }
 
 } // namespace loopd::kernel

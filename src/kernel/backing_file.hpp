@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -48,5 +49,9 @@ FileId identifyAs(const std::string& path, const Credentials& caller);
 // a block device, larger than offset. Throws loopd::Error(InvalidArgument) naming
 // `what` otherwise.
 BackingFile inspect(UniqueFd fd, const std::string& what, uint64_t offset);
+
+// The path the kernel has for an open file (procfs), for humans; nullopt if it
+// has none (a pipe, a socket, an anonymous inode).
+std::optional<std::string> pathOfFd(int fd);
 
 } // namespace loopd::kernel

@@ -2,6 +2,7 @@
 
 #include "device_objects.hpp"
 
+#include "kernel/backing_file.hpp"
 #include "kernel/loop_device.hpp"
 
 #include "errors.hpp"
@@ -19,7 +20,6 @@
 #include <array>
 #include <cerrno>
 #include <csignal>
-#include <filesystem>
 #include <optional>
 #include <set>
 #include <system_error>
@@ -31,23 +31,6 @@ using namespace std::chrono_literals;
 
 // Bus messages handled before the loop looks at its other fds again.
 constexpr unsigned busMessagesPerTurn = 64;
-// How long requests that count udev's events wait for a udevd to return before
-// readiness=auto ones count the kernel's: a restart (a systemd upgrade) takes a
-// few hundred ms, and one that comes back completes them under udev readiness.
-constexpr auto udevReturnGrace = 1s;
-// A control socket that did not accept yet is asked again this often, this long.
-constexpr auto reprobeInterval = 10ms;
-constexpr auto reprobeLimit = 2s;
-
-// The path the kernel has for an open file, for humans; nullopt if it has none.
-std::optional<std::string> fdPath(int fd)
-{
-    std::error_code ec;
-    auto path = std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), ec);
-    if (ec || path.empty() || path.native().front() != '/')
-        return std::nullopt;
-    return path.string();
-}
 
 UniqueFd makeSignalFd()
 {
@@ -70,7 +53,12 @@ Daemon::Daemon(DaemonConfig config)
       table_(RefLinks(config_.runtimeDir + "/by-ref")), udevTags_(config_.udevTagsDir, workers_),
       services_(*connection_, table_, registry_, workers_, records_, *this), callers_(*connection_, *busProxy_),
       attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_),
-      find_(services_, callers_), resize_(services_, callers_), open_(services_, callers_)
+      find_(services_, callers_), resize_(services_, callers_), open_(services_, callers_),
+      udevPresence_(udevWatch_, loop_,
+                    {.changed = [this](bool running) { udevChanged(running); },
+                     .written = [this](unsigned number, auto now) { repair_.databaseWritten(number, now); },
+                     .watchedNumbers = [this] { return registry_.watchedNumbers(); },
+                     .fallBack = [this] { attach_.fallBackToKernel(); }})
 {
     services_.limits = config_.limits;
     services_.udevTags = &udevTags_;
@@ -81,7 +69,7 @@ Daemon::Daemon(DaemonConfig config)
         onUevents(udevMonitor_);
     };
     services_.afterConfigure = [this](const core::Watch& watch) { repair_.afterConfigure(watch); };
-    services_.udevRunning = udevWatch_.running();
+    services_.udevRunning = udevPresence_.running();
     repair_.onQuirk = [this] {
         if (manager_)
             manager_->kernelQuirksChanged();
@@ -104,20 +92,10 @@ Daemon::Daemon(DaemonConfig config)
     loop_.watch(workers_.fd(), [this] { workers_.runContinuations(); });
     loop_.watch(signalFd_.get(), [this] { onSignal(); });
     loop_.watch(repair_.nodeWatchFd(), [this] { repair_.onNodeClosed(); });
-    loop_.watch(udevWatch_.fd(), [this] { onUdevWatch(); });
-    watchUdevPid();
     loop_.setPrepare([this] { return prepare(); });
 
-    for (const auto diskseq : recovery_.run()) {
-        const auto owner = table_.find(diskseq)->owner;
-        callers_.checkAlive(owner, [this, diskseq, owner](bool alive) {
-            const auto* device = table_.find(diskseq);
-            if (alive || !device || device->state != DeviceState::Ready)
-                return;
-            log::info("client left the bus while loopd was down sender={} diskseq={}", owner, diskseq);
-            detach_.own(diskseq, RemovalReason::ClientVanished);
-        });
-    }
+    for (const auto diskseq : recovery_.run())
+        detach_.unlessOwnerAlive(diskseq);
     recovery_.awaitReadded([this](int ms) { pumpEvents(ms); }, [this](unsigned number) { repair_.resync(number); });
     if (config_.drops.any() || config_.kernelDrops.any())
         log::warn("test fault injection is on: udev events are dropped on purpose");
@@ -245,16 +223,7 @@ void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newO
         return;
     callers_.forget(name);
     attach_.callerLeft(name);
-    for (const auto diskseq : table_.diskseqs()) {
-        auto& device = *table_.find(diskseq);
-        if (device.owner != name || !device.tiedToClient())
-            continue;
-        device.ownerGone = true; // a detach in progress that is refused detaches it after all
-        if (device.state != DeviceState::Ready)
-            continue;
-        log::info("client left the bus, detaching its device sender={} diskseq={}", name, diskseq);
-        detach_.own(diskseq, RemovalReason::ClientVanished);
-    }
+    detach_.clientLeft(name);
 }
 
 // Whatever took the device out of the table, everyone who cares hears of it here.
@@ -287,18 +256,7 @@ void Daemon::timers(core::Clock::time_point now)
         onUevents(udevMonitor_); // the event may be here by now
         repair_.checkDatabase(now);
     }
-    if (reprobeUntil_ && now >= nextReprobe_) {
-        nextReprobe_ = now + reprobeInterval;
-        udevWatch_.probe();
-        udevPresence(now);
-        if (reprobeUntil_ && (udevWatch_.running() || now >= *reprobeUntil_))
-            reprobeUntil_.reset();
-    }
-    if (fallBackAt_ && now >= *fallBackAt_) {
-        fallBackAt_.reset();
-        if (!services_.udevRunning)
-            attach_.fallBackToKernel();
-    }
+    udevPresence_.onTime(now);
 }
 
 std::optional<core::Clock::time_point> Daemon::nextTimer() const
@@ -308,69 +266,18 @@ std::optional<core::Clock::time_point> Daemon::nextTimer() const
         if (t && (!next || *t < *next))
             next = t;
     };
-    if (reprobeUntil_)
-        consider(nextReprobe_);
-    consider(fallBackAt_);
+    consider(udevPresence_.nextDeadline());
     return next;
 }
 
-// udev's runtime dir or database changed.
-void Daemon::onUdevWatch()
+// udevd went away or answers again: ReadinessSource, and what waits for udev.
+void Daemon::udevChanged(bool running)
 {
-    const auto now = core::Clock::now();
-    const auto changes = udevWatch_.read();
-    if (changes.control) {
-        udevWatch_.probe();
-        if (!udevWatch_.running()) { // a socket between bind and listen, or a dead one
-            reprobeUntil_ = now + reprobeLimit;
-            nextReprobe_ = now + reprobeInterval;
-        }
-        udevPresence(now);
-    }
-    for (const auto& [major, minor] : changes.written)
-        if (const auto number = kernel::loopNumberOfDevt(major, minor))
-            repair_.databaseWritten(*number, now);
-    if (changes.overflow)
-        for (const auto number : registry_.watchedNumbers())
-            repair_.databaseWritten(number, now);
-}
-
-// The pidfd of the udevd that was running is readable: it exited.
-void Daemon::watchUdevPid()
-{
-    if (udevPidFd_ == udevWatch_.pidFd())
-        return;
-    if (udevPidFd_ >= 0)
-        loop_.unwatch(udevPidFd_);
-    udevPidFd_ = udevWatch_.pidFd();
-    if (udevPidFd_ >= 0)
-        loop_.watch(udevPidFd_, [this] {
-            loop_.unwatch(udevPidFd_);
-            udevPidFd_ = -1;
-            udevWatch_.lost();
-            // A new udevd may have taken over already (its socket made before
-            // this one's exit was read): ask the socket, not only the pidfd.
-            udevWatch_.probe();
-            udevPresence(core::Clock::now());
-        });
-}
-
-// Follows udevWatch_'s view of udevd: ReadinessSource, and what waits for udev.
-void Daemon::udevPresence(core::Clock::time_point now)
-{
-    watchUdevPid();
-    const bool running = udevWatch_.running();
-    if (running == services_.udevRunning)
-        return;
     services_.udevRunning = running;
     log::warn("udevd {}; readiness source is now {}", running ? "answers again" : "went away", readinessSource());
     manager_->readinessSourceChanged();
-    if (running) {
-        fallBackAt_.reset();
+    if (running)
         repair_.udevReturned();
-    } else {
-        fallBackAt_ = now + udevReturnGrace;
-    }
 }
 
 // ---- the D-Bus calls ----------------------------------------------------------
@@ -384,7 +291,7 @@ void Daemon::attachPath(AttachResult&& result, const CallOrigin& from, std::stri
 void Daemon::attachFd(AttachResult&& result, const CallOrigin& from, sdbus::UnixFd fd, core::OptionMap options)
 {
     // The file's path names it in messages (a procfs read, quick).
-    const auto what = fdPath(fd.get()).value_or("the file descriptor passed by " + from.sender);
+    const auto what = kernel::pathOfFd(fd.get()).value_or("the file descriptor passed by " + from.sender);
     // One of loopd's own devices (or a partition of one) under another: their
     // lives would be tied (and with a device given back to a later attach, could
     // loop). A sysfs lookup of the fd's block device, quick.

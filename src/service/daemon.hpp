@@ -13,6 +13,7 @@
 #include "recovery.hpp"
 #include "resize_flow.hpp"
 #include "services.hpp"
+#include "udev_presence.hpp"
 #include "udev_tags.hpp"
 #include "watchdog.hpp"
 #include "worker_pool.hpp"
@@ -65,9 +66,7 @@ private:
     void onSignal();
     void onRemoved(Device& device, RemovalReason reason);
     void settle(const std::vector<core::Outcome>& outcomes);
-    void onUdevWatch();
-    void udevPresence(core::Clock::time_point now);
-    void watchUdevPid();
+    void udevChanged(bool running);
     void timers(core::Clock::time_point now);
     [[nodiscard]] std::optional<core::Clock::time_point> nextTimer() const;
 
@@ -94,17 +93,10 @@ private:
     FindFlow find_;
     ResizeFlow resize_;
     OpenFlow open_;
+    UdevPresence udevPresence_;
     std::unique_ptr<ManagerObject> manager_;
 
     core::RequestId trimmedAt_ = 1; // issued ids at the last malloc_trim
-    int udevPidFd_ = -1;            // the pidfd the loop watches now
-    // A control socket appeared but did not answer yet (udevd between bind and
-    // listen): asked again shortly, until then.
-    std::optional<core::Clock::time_point> reprobeUntil_;
-    core::Clock::time_point nextReprobe_{};
-    // udevd went away with requests waiting for it: when readiness=auto ones fall
-    // back to the kernel's events unless a udevd answers first.
-    std::optional<core::Clock::time_point> fallBackAt_;
 };
 
 } // namespace loopd::service

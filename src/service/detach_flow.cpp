@@ -60,6 +60,32 @@ void DetachFlow::own(uint64_t diskseq, RemovalReason reason)
     start(id);
 }
 
+void DetachFlow::clientLeft(const std::string& name)
+{
+    for (const auto diskseq : s_.table.diskseqs()) {
+        auto& device = *s_.table.find(diskseq);
+        if (device.owner != name || !device.tiedToClient())
+            continue;
+        device.ownerGone = true; // a detach in progress that is refused detaches it after all
+        if (device.state != DeviceState::Ready)
+            continue;
+        log::info("client left the bus, detaching its device sender={} diskseq={}", name, diskseq);
+        own(diskseq, RemovalReason::ClientVanished);
+    }
+}
+
+void DetachFlow::unlessOwnerAlive(uint64_t diskseq)
+{
+    const auto owner = s_.table.find(diskseq)->owner;
+    callers_.checkAlive(owner, [this, diskseq, owner](bool alive) {
+        const auto* device = s_.table.find(diskseq);
+        if (alive || !device || device->state != DeviceState::Ready)
+            return;
+        log::info("client left the bus while loopd was down sender={} diskseq={}", owner, diskseq);
+        own(diskseq, RemovalReason::ClientVanished);
+    });
+}
+
 void DetachFlow::start(core::RequestId id)
 {
     const auto& pending = pending_.at(id);

@@ -23,6 +23,10 @@ public:
     void request(VoidResult&& result, const CallOrigin& from, uint64_t diskseq, const core::OptionMap& options);
     // loopd's own decision (its client left): no one to answer.
     void own(uint64_t diskseq, RemovalReason reason);
+    // The devices tied to this bus connection (lifetime=client or fd) are detached.
+    void clientLeft(const std::string& name);
+    // Restart: a device adopted for a client detached if that client left meanwhile.
+    void unlessOwnerAlive(uint64_t diskseq);
 
     bool settle(const core::Outcome& outcome);
     [[nodiscard]] bool idle() const { return pending_.empty(); }
