@@ -14,7 +14,7 @@ it answers checks in the order it got them: the answer to a quick check asked af
 <plan>.done reaches loopd after the slow one's (sequence_polkit()).
 
 A real agent: pkttyagent --process PID on a pty of the test's own, registered for
-one caller process (AgentForProcess); "ask" as the answer of a plan makes that
+one caller process (Agent); "ask" as the answer of a plan makes that
 check AUTH_ADMIN (root authenticates, as addAdminRule below says).
 """
 
@@ -290,8 +290,9 @@ def test_owners_detach_goes_on_while_polkit_considers_anothers(env):
     """While polkit considers loopd-test3's Detach of loopd-test's device (slow, then
     no), the owner's own Detach of it succeeds at once (polkit has not answered
     yet). loopd-test3 then gets AccessDenied: the refusal is the answer to what it
-    asked, whether or not the device is still there. Before: the device was marked
-    Detaching at loopd-test3's call and the owner's Detach was Busy."""
+    asked, whether or not the device is still there. Failed on adbd7c0 (fixed with
+    issue 12's split, 0c16e78): the device was marked Detaching at loopd-test3's
+    call and the owner's Detach was Busy."""
     image = env.image("mbr2")
     give(image.path, USER, 0o600)
     owner, other = Client(env, USER), Client(env, USER3)
@@ -319,7 +320,7 @@ def test_owners_detach_goes_on_while_polkit_considers_anothers(env):
 def test_polkit_sees_the_file(env):
     """loopd passes the file to polkit (detail loopd.file): a rule that lets
     loopd-test2 attach exactly ALLOWED lets that Attach through, by path and by fd,
-    and refuses another file. Before: no details, so the rule refused both."""
+    and refuses another file. Failed on e9b150f^: no details, the rule refused both."""
     make_marks()
     try:
         allowed, other = env.image("mbr2"), env.image("mbr2")
@@ -379,16 +380,16 @@ def _caller_leaves_while_polkit_thinks(env, lifetime):
 
 def test_client_lifetime_caller_leaving_while_polkit_thinks(env):
     """lifetime=client, the caller leaves while polkit considers its Attach (slow,
-    then yes): nothing is attached, not even for a moment. Before (e9b150f^): a
-    device nobody owned was attached and stayed; at b50e908 it was attached, listed
-    and detached again (client-vanished)."""
+    then yes): nothing is attached, not even for a moment. Failed on e9b150f^ and
+    b50e908: the device was attached for nobody, listed, and detached again
+    (client-vanished)."""
     _caller_leaves_while_polkit_thinks(env, "client")
 
 
 def test_persistent_attach_of_a_caller_that_left_is_not_made(env):
     """A persistent Attach whose caller leaves while polkit considers it (slow, then
-    yes) is not made. Before (e9b150f^ and b50e908): it was attached and stayed,
-    owned by the user who never got a reply."""
+    yes) is not made. Failed on e9b150f^ and b50e908: it was attached and stayed,
+    owned by a user who never got a reply."""
     _caller_leaves_while_polkit_thinks(env, "persistent")
 
 
@@ -487,8 +488,8 @@ def test_agent_is_asked_only_when_the_call_allows_it(env):
     the calling process. Without the allow-interactive-authorization flag (busctl
     --allow-interactive-authorization=no) the call is refused at once, the agent
     never asked. With it the agent is asked (its prompt names org.loopd1.attach).
-    Before: every check allowed interaction, so the call without the flag waited
-    for the agent (busctl timed out)."""
+    Failed on e9b150f^: every check allowed interaction, so the call without the
+    flag waited for the agent (busctl timed out after 20 s)."""
     image = env.image("none")
     give(image.path, USER, 0o600)
     with slow_polkit("org.loopd1.attach", USER, "ask"):
@@ -518,8 +519,8 @@ def test_check_of_a_caller_that_left_is_cancelled(env):
     """loopd-test's Attach (with the flag) waits for an agent that asks for root's
     password, which nobody types. When the caller leaves the bus, loopd cancels the
     check: the agent's prompt is withdrawn (pkttyagent says so), and nothing is
-    attached. Before: the check went on until polkit's answer (the agent's, or
-    loopd's five-minute limit)."""
+    attached. Failed on e9b150f^: the agent went on asking for the password (the
+    check lasts until the agent answers, or loopd's five-minute limit)."""
     image = env.image("none")
     give(image.path, USER, 0o600)
     with slow_polkit("org.loopd1.attach", USER, "ask"):
