@@ -104,6 +104,12 @@ void AttachFlow::authorized(core::RequestId id, const Caller& caller)
     try {
         if (s_.stopping)
             throw Error(Errc::Failed, "cannot attach " + job.what + ": loopd is stopping");
+        // The caller left while polkit thought: cancelling the check does not stop a
+        // rule that is already running (polkitd runs rules to the end, then answers
+        // yes). Nobody would get the reply, so nothing is attached for it.
+        if (job.vanished)
+            throw Error(Errc::Failed, "cannot attach " + job.what + ": its caller " + job.sender +
+                                          " left the bus before the attach was authorized");
         // A path means what it means to the caller: loopd cannot resolve it in
         // another process's root or mount namespace (a chroot, PrivateTmp=,
         // InaccessiblePaths=), so it does not resolve it in its own instead.
