@@ -807,14 +807,15 @@ def test_release_not_confirmed_in_time_is_timeout(env):
 
 def test_sigterm_while_a_timed_out_attach_is_undone(env):
     """Hole 7: SIGTERM while an attach that timed out is being undone. udevd is
-    paused, so readiness=udev never comes; this test holds the new device open,
-    so the undo's LOOP_CLR_FD only sets autoclear and loopd waits (up to 2 s) for
-    the release: SIGTERM lands inside that undo. loopd exits 0 once the undo is
-    done, the caller gets the Timeout its attach had (naming the image), and
-    nothing is left attached once the device is closed. Failed before: SIGTERM
-    abandoned the attach a second time (a second worker on the same, moved fd),
-    whose continuation answered Failed "loopd is stopping" in place of Timeout
-    and whose double extraction of the job was undefined behaviour."""
+    paused, so readiness=udev never comes; this test holds partition 1 open, so
+    the undo (partitions removed last to first, then LOOP_CLR_FD) waits on it,
+    retrying BLKPG for up to 5 s: SIGTERM lands inside the undo, and the
+    partition is let go once loopd has logged the signal. loopd exits 0 once the
+    undo is done, the caller gets the Timeout its attach had (naming the image),
+    and nothing is left attached. Failed before: SIGTERM abandoned the attach a
+    second time (a second worker on the same, moved fd), whose continuation
+    answered Failed "loopd is stopping" in place of Timeout; had both
+    continuations run, the second would have extracted an empty node (UB)."""
     env.require_own_udevd()
     image = env.image("gpt3")
     os.kill(env.udevd_pid, signal.SIGSTOP)
@@ -825,11 +826,21 @@ def test_sigterm_while_a_timed_out_attach_is_undone(env):
         backing = os.path.realpath(image.path)
         devnode = poll(f"{image.path} attached", lambda: next(
             (dev for dev, f in env.attached_here() if f == backing), None))
-        holder = os.open(devnode, os.O_RDONLY | os.O_CLOEXEC)
-        # The timeout's undo has cleared it: with this fd open, only autoclear is set.
-        poll(f"{devnode} cleared by the undo after the timeout",
-             lambda: sysfs(loop_name(devnode), "loop/autoclear") == "1")
+        name = loop_name(devnode)
+
+        def open_partition():
+            try:
+                return os.open(devnode + "p1", os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, OSError):
+                return None  # not added yet
+        holder = poll(f"{devnode}p1 opened", open_partition)
+        poll(f"{devnode}p3 and p2 removed by the undo after the timeout",
+             lambda: not any(os.path.exists(f"/sys/block/{name}/{name}p{k}") for k in (2, 3)))
         env.loopd.send_signal(signal.SIGTERM)
+        with open(env.loopd_log) as log:
+            poll("loopd's log line for SIGTERM", lambda: "signal 15 received" in log.read())
+        os.close(holder)  # the undo goes on: partition 1, LOOP_CLR_FD, the release
+        holder = None
         try:
             status = env.loopd.wait(15)
         except subprocess.TimeoutExpired:
@@ -843,18 +854,18 @@ def test_sigterm_while_a_timed_out_attach_is_undone(env):
             problems.append(f"Attach: {e or call.result}, expected {ERROR_PREFIX}Timeout")
         elif image.path not in e.message:
             problems.append(f"Timeout message {e.message!r} does not name {image.path}")
+        if env.attached_here():
+            problems.append(f"left attached: {env.attached_here()}")
         assert not problems, "; ".join(problems)
     finally:
         if holder is not None:
-            os.close(holder)  # the last close: the kernel releases the device (autoclear)
+            os.close(holder)
         if paused:
             os.kill(env.udevd_pid, signal.SIGCONT)
         if call is not None and call.done.wait(CALL_TIMEOUT) and call.result:
             detach_quietly(call.result["diskseq"])
         if env.loopd.poll() is not None:
             env._start_loopd()
-    poll("the test's image released", lambda: env.attached_here() == [], limit=5)
-
 
 if __name__ == "__main__":
     main(globals())
