@@ -460,7 +460,8 @@ def test_restart_unlinks_ref_of_device_released_meanwhile(env):
 
 
 def test_restart_leaves_foreign_devices_alone(env):
-    """Hole 6 (API.md: "another tool's devices are never detached or modified").
+    """Hole 3, "restart recovery can touch a foreign device" (API.md: "another
+    tool's devices are never detached or modified").
     While loopd is down, another tool attaches loopd's images with lo_file_name
     set to what adbd7c0 wrote there, the ref: one in place of an owned device
     released meanwhile, one where an attach was cut off after its intent record.
@@ -735,7 +736,7 @@ def test_detach_sends_one_device_removed_detached(env):
 
 
 def test_release_not_confirmed_in_time_is_timeout(env):
-    """Hole 5, reason `timeout` (API.md: "a release was started but not confirmed
+    """Hole 8, reason `timeout` (API.md: "a release was started but not confirmed
     within the deadline; the Detach caller got Timeout"). DetachFlow confirms a
     release by the partitions' remove events or a newer diskseq on the number,
     from events or, at each 1 s nudge, from sysfs; the deadline is 10 s. Here
@@ -743,7 +744,7 @@ def test_release_not_confirmed_in_time_is_timeout(env):
     kernel has released the device, this test removes it (LOOP_CTL_REMOVE), so
     sysfs has nothing to show: the release is never confirmed. The caller gets
     Timeout, DeviceRemoved says `timeout`, and the device is gone with its link.
-    Failed before: <see the commit>."""
+    Failed before: the caller got Timeout, but DeviceRemoved said `detached`."""
     env.restart_loopd(kill=False, loopd_args=["--test-drop", "random:1", "--test-drop", "kernel:random:1"])
     image = env.image("gpt3")
     reply = attach(image.path, ref=dbus.String("gone"))  # ready by udev's database (the nudge)
@@ -806,11 +807,12 @@ def test_release_not_confirmed_in_time_is_timeout(env):
 # --------------------------------------------------------------------------- 9. an attach abandoned once
 
 def test_sigterm_while_a_timed_out_attach_is_undone(env):
-    """Hole 7: SIGTERM while an attach that timed out is being undone. udevd is
-    paused, so readiness=udev never comes; this test holds partition 1 open, so
-    the undo (partitions removed last to first, then LOOP_CLR_FD) waits on it,
-    retrying BLKPG for up to 5 s: SIGTERM lands inside the undo, and the
-    partition is let go once loopd has logged the signal. loopd exits 0 once the
+    """Hole 9, "shutdown can abandon an attach twice": SIGTERM while an attach
+    that timed out is being undone. udevd is paused, so readiness=udev never
+    comes; this test holds partition 1 open, so the undo (partitions removed
+    last to first, then LOOP_CLR_FD) waits on it, retrying BLKPG for up to 5 s:
+    SIGTERM lands inside the undo, and the partition is let go once loopd has
+    logged the signal. loopd exits 0 once the
     undo is done, the caller gets the Timeout its attach had (naming the image),
     and nothing is left attached. Failed before: SIGTERM abandoned the attach a
     second time (a second worker on the same, moved fd), whose continuation
