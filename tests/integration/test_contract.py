@@ -2,13 +2,21 @@
 """What API.md promises where the daemon once broke it: a refused Detach changes
 nothing, refs and their by-ref links never collide, restart recovery unlinks
 what it forgets, names resolve never ambiguously, readiness=udev without udevd
-fails at once, loopd's usage errors exit 2, errors name their object, and a
-Detach sends exactly one DeviceRemoved.
+fails at once, loopd's usage errors exit 2, errors name their object, a
+Detach sends exactly one DeviceRemoved (reason `timeout` when its release is not
+confirmed in time), restart recovery leaves foreign devices alone, a timed-out
+attach is abandoned once even across SIGTERM, and a devnode names the newest
+attachment on its number.
 
 Each test says in its docstring whether the daemon before the fix failed it.
 """
 
+import errno
+import fcntl
+import json
 import os
+import signal
+import struct
 import subprocess
 import threading
 import time
@@ -19,8 +27,8 @@ import dbus
 import dbus.mainloop.glib
 from gi.repository import GLib
 
-from harness import (ERROR_PREFIX, DEVICE_IFACE, LOOPCTL, LOOPD, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH,
-                     CallError, busctl_detach, busctl_get_property,
+from harness import (CALL_TIMEOUT, ERROR_PREFIX, DEVICE_IFACE, LOOPCTL, LOOPD, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH,
+                     CallError, busctl_attach_cmd, busctl_detach, busctl_get_property,
                      busctl_managed_objects, detach_quietly, expect_error, force_detach,
                      loop_name, main, pydbus_attach, pydbus_call, pydbus_options, read_text,
                      run, verify_detached, verify_reply)
@@ -109,6 +117,111 @@ class DeviceRemovedWatcher:
     def close(self):
         self.conn.close()
         self._loop.quit()
+
+
+class Background:
+    """fn(*args, **kw) on a thread of its own, like a client waiting for its reply
+    while the test acts: .result, or .error with what it raised, once .done is set."""
+
+    def __init__(self, fn, *args, **kw):
+        self.result = self.error = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(fn, args, kw), daemon=True).start()
+
+    def _run(self, fn, args, kw):
+        try:
+            self.result = fn(*args, **kw)
+        except BaseException as e:  # noqa: B902 - handed to the test
+            self.error = e
+        finally:
+            self.done.set()
+
+    def wait(self, limit, what):
+        assert self.done.wait(limit), f"{what}: no reply within {limit} s"
+        return self
+
+
+def poll(what, check, limit=10.0):
+    """Waits for something the test itself set off in the kernel (a release, a
+    configure), never for a readiness loopd replies for; fails naming `what`."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {limit} s"
+        time.sleep(0.001)
+
+
+def sysfs(name, attribute):
+    """/sys/block/<name>/<attribute>, or None when the device or attribute is gone."""
+    try:
+        return read_text(f"/sys/block/{name}/{attribute}")
+    except OSError:
+        return None
+
+
+# linux/loop.h, for what no tool does: another tool's attachment with a chosen
+# lo_file_name, a loop device removed.
+LOOP_GET_STATUS64, LOOP_CONFIGURE = 0x4C05, 0x4C0A
+LOOP_CTL_ADD, LOOP_CTL_REMOVE, LOOP_CTL_GET_FREE = 0x4C80, 0x4C81, 0x4C82
+LOOP_INFO64 = "=5Q4I64s64s32s2Q"  # struct loop_info64: 232 bytes
+LO_FILE_NAME = 9                   # its field lo_file_name
+
+
+def foreign_attach(path, file_name):
+    """Attaches `path` on a free loop device as another tool would (LOOP_CONFIGURE
+    on /dev/loop-control's free number, loopd not involved), with lo_file_name
+    `file_name`. Returns the devnode."""
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    backing = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(50):
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            loop = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                info = struct.pack(LOOP_INFO64, 0, 0, 0, 0, 0, 0, 0, 0, 0, file_name.encode(), b"", b"", 0, 0)
+                fcntl.ioctl(loop, LOOP_CONFIGURE, struct.pack("=II", backing, 0) + info + bytes(64))
+                return f"/dev/loop{number}"
+            except OSError as e:
+                if e.errno != errno.EBUSY:  # taken meanwhile: the next free one
+                    raise
+            finally:
+                os.close(loop)
+        raise AssertionError(f"no loop device stayed free to attach {path}")
+    finally:
+        os.close(backing)
+        os.close(control)
+
+
+def lo_file_name(devnode):
+    fd = os.open(devnode, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = struct.unpack(LOOP_INFO64, fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(struct.calcsize(LOOP_INFO64))))
+    finally:
+        os.close(fd)
+    return info[LO_FILE_NAME].rstrip(b"\0").decode()
+
+
+def loop_control(request, number):
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return fcntl.ioctl(control, request, number)
+    finally:
+        os.close(control)
+
+
+def records(env):
+    """loopd's ownership records (the harness's runtime dir), as {file: state}."""
+    folder = env.path(os.path.join("run", "records"))
+    found = {}
+    for name in (os.listdir(folder) if os.path.isdir(folder) else []):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                found[name] = json.load(f).get("state")
+        except (OSError, ValueError):
+            continue  # being replaced at this moment
+    return found
 
 
 # --------------------------------------------------------------------------- 0. the interface
@@ -346,6 +459,77 @@ def test_restart_unlinks_ref_of_device_released_meanwhile(env):
             detach_quietly(reply["diskseq"])
 
 
+def test_restart_leaves_foreign_devices_alone(env):
+    """Hole 3, "restart recovery can touch a foreign device" (API.md: "another
+    tool's devices are never detached or modified").
+    While loopd is down, another tool attaches loopd's images with lo_file_name
+    set to what adbd7c0 wrote there, the ref: one in place of an owned device
+    released meanwhile, one where an attach was cut off after its intent record.
+    The restarted loopd must leave both alone and drop its two records.
+    Failed before: recovery of the intent record matched a device by backing
+    file and lo_file_name (the ref, which anyone can set) and detached the
+    foreign one. (The owned record's case passed before: its diskseq decides.)"""
+    owned_image, cut_image = env.image("none"), env.image("none")
+    reply = attach(owned_image.path, ref=dbus.String("web"))
+    name, released = loop_name(reply["devnode"]), False
+    control, cut, foreign = None, None, []
+    try:
+        verify_reply(reply, owned_image)
+        # An attach cut off after its intent record: loopd takes the loop-control
+        # lock (as losetup does) after writing it, and this test holds that lock.
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        fcntl.flock(control, fcntl.LOCK_EX)
+        cut = subprocess.Popen(busctl_attach_cmd(cut_image.path, {"ref": ("s", "db")}),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        poll("the intent record of the attach of " + cut_image.path,
+             lambda: "intent" in records(env).values())
+        env.loopd.kill()
+        env.loopd.wait()
+        cut.wait(CALL_TIMEOUT)
+        force_detach(reply["devnode"])
+        released = True
+        poll(f"{reply['devnode']} released by losetup -d",
+             lambda: sysfs(name, "diskseq") != str(reply["diskseq"]))
+        # Another tool's attachments of the same images, named as adbd7c0 named its own.
+        foreign.append(foreign_attach(owned_image.path, "web"))
+        foreign.append(foreign_attach(cut_image.path, "db"))
+        before = {dev: (sysfs(loop_name(dev), "diskseq"), sysfs(loop_name(dev), "loop/backing_file"),
+                        lo_file_name(dev)) for dev in foreign}
+        os.close(control)  # the lock goes with it
+        control = None
+        env._start_loopd()  # as in test_restart_unlinks_...: Env.restart_loopd would start at once
+
+        problems = []
+        for dev, was in before.items():
+            now = (sysfs(loop_name(dev), "diskseq"), sysfs(loop_name(dev), "loop/backing_file"),
+                   lo_file_name(dev) if os.path.exists(f"/sys/block/{loop_name(dev)}/loop") else None)
+            if now != was:
+                problems.append(f"foreign {dev} (diskseq, backing file, lo_file_name) was {was}, is {now}")
+        listed = {props["DevNode"] for path, ifaces in busctl_managed_objects().items()
+                  for iface, props in ifaces.items() if iface == DEVICE_IFACE}
+        problems += [f"foreign {dev} is listed" for dev in foreign if dev in listed]
+        if devices_count() != 0:
+            problems.append(f"Devices is {devices_count()}, expected 0")
+        problems += [f"by-ref/{ref} -> {link_target(by_ref(env, ref))}" for ref in ("web", "db")
+                     if os.path.lexists(by_ref(env, ref))]
+        if records(env):
+            problems.append(f"records kept: {records(env)}")
+        assert not problems, "after the restart: " + "; ".join(problems)
+        for target in ("web", "db", *foreign):
+            expect_error("NotFound", pydbus_call, "WaitReady", "st", [target, dbus.UInt64(1_000_000)])
+    finally:
+        if control is not None:
+            os.close(control)
+        if cut is not None and cut.poll() is None:
+            cut.wait(CALL_TIMEOUT)  # loopd went on with it: the leak check reports the device
+        if env.loopd.poll() is not None:
+            env._start_loopd()  # the test failed while loopd was down
+        for dev in foreign:
+            force_detach(dev)
+        if not released:
+            detach_quietly(reply["diskseq"])
+
+
 # --------------------------------------------------------------------------- 4. name resolution
 
 def test_empty_name_resolves_to_nothing(env):
@@ -376,6 +560,72 @@ def test_empty_name_resolves_to_nothing(env):
     finally:
         if not detached:
             detach_quietly(reply["diskseq"])
+
+
+def test_wait_ready_devnode_names_the_newest_attachment(env):
+    """Hole 4: A on loopN is being detached, its release done in the kernel but
+    not yet confirmed (udevd paused, the kernel's events withheld by --test-drop),
+    while B is attached on the same loopN: WaitReady(loopN) names B. Failed
+    before: it took the lowest diskseq matching the devnode, A, and answered
+    NotFound because A was being detached."""
+    env.require_own_udevd()
+    env.restart_loopd(kill=False, loopd_args=["--test-drop", "kernel:random:1"])
+    old_image, new_image = env.image("gpt3"), env.image("none")
+    a = attach(old_image.path)
+    name, paused, a_detach, b_attach, b_detached = loop_name(a["devnode"]), False, None, None, False
+    try:
+        verify_reply(a, old_image)
+        # Paused, udevd neither confirms A's release nor locks loopN to probe it
+        # (an attach passes a locked number over). Its workers are not paused:
+        # one still busy with A's events (loopd's synthetic triggers) would write
+        # the database during the detach, and loopd would look at sysfs early.
+        run("udevadm", "settle", "--timeout=10")
+        os.kill(env.udevd_pid, signal.SIGSTOP)
+        paused = True
+        a_detach = Background(detach_call, a["diskseq"])
+        poll(f"{a['devnode']} released", lambda: sysfs(name, "diskseq") != str(a["diskseq"]))
+        b_attach = Background(attach, new_image.path, readiness=dbus.String("kernel"))
+        backing = poll(f"{new_image.path} attached", lambda: [dev for dev, f in env.attached_here()
+                                                            if f == os.path.realpath(new_image.path)])
+        assert backing == [a["devnode"]], \
+            f"B went to {backing}, not to A's {a['devnode']}: the case cannot be set up here"
+        b_diskseq = int(sysfs(name, "diskseq"))
+        # B is in loopd's table once its diskseq resolves (a 1 µs wait: Timeout, not NotFound).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                pydbus_call("WaitReady", "st", [str(b_diskseq), dbus.UInt64(1)])
+                break  # ready already
+            except CallError as e:
+                if e.name == ERROR_PREFIX + "Timeout":
+                    break
+                assert e.name == ERROR_PREFIX + "NotFound", f"WaitReady({b_diskseq}): {e}"
+            assert time.monotonic() < deadline, f"diskseq {b_diskseq} not known to loopd within 10 s"
+            time.sleep(0.005)
+        assert not a_detach.done.is_set(), \
+            f"A's Detach was answered ({a_detach.error or 'ok'}) before B was known: nothing to tell apart"
+        try:
+            got = pydbus_call("WaitReady", "st", [a["devnode"], dbus.UInt64(10_000_000)])
+        except CallError as e:
+            raise AssertionError(f"WaitReady({a['devnode']}) with A (diskseq {a['diskseq']}) being detached "
+                                 f"and B (diskseq {b_diskseq}) attached on it: {e}") from None
+        assert got[2] == b_diskseq, \
+            f"WaitReady({a['devnode']}) answered diskseq {got[2]}; A was {a['diskseq']}, B is {b_diskseq}"
+        b = b_attach.wait(CALL_TIMEOUT, "B's Attach").result
+        assert b is not None, f"B's Attach: {b_attach.error}"
+        assert a_detach.wait(CALL_TIMEOUT, "A's Detach").error is None, f"A's Detach: {a_detach.error}"
+        os.kill(env.udevd_pid, signal.SIGCONT)
+        paused = False
+        busctl_detach(b["diskseq"])
+        b_detached = True
+        verify_detached(b["devnode"], b["diskseq"])
+    finally:
+        if paused:
+            os.kill(env.udevd_pid, signal.SIGCONT)
+        if a_detach is None or (a_detach.done.wait(CALL_TIMEOUT) and a_detach.error):
+            detach_quietly(a["diskseq"])
+        if b_attach is not None and b_attach.done.wait(CALL_TIMEOUT) and b_attach.result and not b_detached:
+            detach_quietly(b_attach.result["diskseq"])
 
 
 # --------------------------------------------------------------------------- 5. readiness=udev, no udevd
@@ -484,6 +734,140 @@ def test_detach_sends_one_device_removed_detached(env):
         if fence and not fence.get("detached"):
             detach_quietly(fence["diskseq"])
 
+
+def test_release_not_confirmed_in_time_is_timeout(env):
+    """Hole 8, reason `timeout` (API.md: "a release was started but not confirmed
+    within the deadline; the Detach caller got Timeout"). DetachFlow confirms a
+    release by the partitions' remove events or a newer diskseq on the number,
+    from events or, at each 1 s nudge, from sysfs; the deadline is 10 s. Here
+    every event is withheld (--test-drop random:1, kernel:random:1) and, once the
+    kernel has released the device, this test removes it (LOOP_CTL_REMOVE), so
+    sysfs has nothing to show: the release is never confirmed. The caller gets
+    Timeout, DeviceRemoved says `timeout`, and the device is gone with its link.
+    Failed before: the caller got Timeout, but DeviceRemoved said `detached`."""
+    env.restart_loopd(kill=False, loopd_args=["--test-drop", "random:1", "--test-drop", "kernel:random:1"])
+    image = env.image("gpt3")
+    reply = attach(image.path, ref=dbus.String("gone"))  # ready by udev's database (the nudge)
+    name, number = loop_name(reply["devnode"]), int(loop_name(reply["devnode"])[4:])
+    watcher, detach, removed = None, None, False
+    try:
+        verify_reply(reply, image)
+        watcher = DeviceRemovedWatcher()
+        started = time.monotonic()
+        detach = Background(detach_call, reply["diskseq"])
+        poll(f"{reply['devnode']} released", lambda: sysfs(name, "diskseq") != str(reply["diskseq"]))
+        # Before loopd's first nudge (1 s) reads sysfs; a udev worker may still
+        # hold the device open for a moment (EBUSY).
+        deadline = time.monotonic() + 0.5
+        while not removed:
+            try:
+                loop_control(LOOP_CTL_REMOVE, number)
+                removed = True
+            except OSError as e:
+                assert e.errno == errno.EBUSY and time.monotonic() < deadline, \
+                    f"LOOP_CTL_REMOVE {reply['devnode']}: {e}"
+                time.sleep(0.002)
+        detach.wait(CALL_TIMEOUT, "Detach")
+        took = time.monotonic() - started
+        assert isinstance(detach.error, CallError) and detach.error.name == ERROR_PREFIX + "Timeout", \
+            f"Detach of {reply['devnode']} with its release unconfirmed: {detach.error or 'succeeded'} " \
+            f"after {took:.1f} s, expected {ERROR_PREFIX}Timeout"
+        assert reply["devnode"] in detach.error.message or str(reply["diskseq"]) in detach.error.message, \
+            f"Timeout message {detach.error.message!r} names neither {reply['devnode']} nor {reply['diskseq']}"
+        # The DeviceRemoved signal goes out right after the reply.
+        removed_signals = watcher.wait_for(reply["diskseq"], time.monotonic() + SIGNAL_DEADLINE)
+        assert removed_signals == [[reply["device"], reply["diskseq"], "timeout"]], \
+            f"DeviceRemoved for diskseq {reply['diskseq']}: {removed_signals}, expected one, reason timeout"
+        problems = []
+        if reply["device"] in listed_objects():
+            problems.append(f"{reply['device']} is still listed")
+        if devices_count() != 0:
+            problems.append(f"Devices is {devices_count()}, expected 0")
+        if os.path.lexists(by_ref(env, "gone")):
+            problems.append(f"by-ref/gone -> {link_target(by_ref(env, 'gone'))}")
+        if os.path.exists(f"/sys/block/{name}"):
+            problems.append(f"/sys/block/{name} is back: {sysfs(name, 'loop/backing_file')}")
+        assert not problems, "after Timeout: " + "; ".join(problems)
+        print(f"# Detach answered Timeout after {took:.1f} s")
+    finally:
+        if watcher:
+            watcher.close()
+        if detach is None:
+            detach_quietly(reply["diskseq"])
+        elif not detach.done.wait(CALL_TIMEOUT) or (not removed and detach.error):
+            detach_quietly(reply["diskseq"])
+        if removed:
+            try:
+                loop_control(LOOP_CTL_ADD, number)  # the number as it was: a device, unbound
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    print(f"# clean-up: LOOP_CTL_ADD {number}: {e}")
+
+
+# --------------------------------------------------------------------------- 9. an attach abandoned once
+
+def test_sigterm_while_a_timed_out_attach_is_undone(env):
+    """Hole 9, "shutdown can abandon an attach twice": SIGTERM while an attach
+    that timed out is being undone. udevd is paused, so readiness=udev never
+    comes; this test holds partition 1 open, so the undo (partitions removed
+    last to first, then LOOP_CLR_FD) waits on it, retrying BLKPG for up to 5 s:
+    SIGTERM lands inside the undo, and the partition is let go once loopd has
+    logged the signal. loopd exits 0 once the
+    undo is done, the caller gets the Timeout its attach had (naming the image),
+    and nothing is left attached. Failed before: SIGTERM abandoned the attach a
+    second time (a second worker on the same, moved fd), whose continuation
+    answered Failed "loopd is stopping" in place of Timeout; had both
+    continuations run, the second would have extracted an empty node (UB)."""
+    env.require_own_udevd()
+    image = env.image("gpt3")
+    os.kill(env.udevd_pid, signal.SIGSTOP)
+    paused, holder, call = True, None, None
+    try:
+        call = Background(attach, image.path, readiness=dbus.String("udev"),
+                          timeout_usec=dbus.UInt64(1_000_000))
+        backing = os.path.realpath(image.path)
+        devnode = poll(f"{image.path} attached", lambda: next(
+            (dev for dev, f in env.attached_here() if f == backing), None))
+        name = loop_name(devnode)
+
+        def open_partition():
+            try:
+                return os.open(devnode + "p1", os.O_RDONLY | os.O_CLOEXEC)
+            except (FileNotFoundError, OSError):
+                return None  # not added yet
+        holder = poll(f"{devnode}p1 opened", open_partition)
+        poll(f"{devnode}p3 and p2 removed by the undo after the timeout",
+             lambda: not any(os.path.exists(f"/sys/block/{name}/{name}p{k}") for k in (2, 3)))
+        env.loopd.send_signal(signal.SIGTERM)
+        with open(env.loopd_log) as log:
+            poll("loopd's log line for SIGTERM", lambda: "signal 15 received" in log.read())
+        os.close(holder)  # the undo goes on: partition 1, LOOP_CLR_FD, the release
+        holder = None
+        try:
+            status = env.loopd.wait(15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("loopd did not exit within 15 s of SIGTERM") from None
+        call.wait(CALL_TIMEOUT, "Attach")
+        problems = []
+        if status != 0:
+            problems.append(f"loopd exited with status {status} on SIGTERM")
+        e = call.error
+        if not isinstance(e, CallError) or e.name != ERROR_PREFIX + "Timeout":
+            problems.append(f"Attach: {e or call.result}, expected {ERROR_PREFIX}Timeout")
+        elif image.path not in e.message:
+            problems.append(f"Timeout message {e.message!r} does not name {image.path}")
+        if env.attached_here():
+            problems.append(f"left attached: {env.attached_here()}")
+        assert not problems, "; ".join(problems)
+    finally:
+        if holder is not None:
+            os.close(holder)
+        if paused:
+            os.kill(env.udevd_pid, signal.SIGCONT)
+        if call is not None and call.done.wait(CALL_TIMEOUT) and call.result:
+            detach_quietly(call.result["diskseq"])
+        if env.loopd.poll() is not None:
+            env._start_loopd()
 
 if __name__ == "__main__":
     main(globals())
