@@ -127,7 +127,7 @@ std::vector<Device> readDevices(sd_bus_message* m)
         enter(m, 'a', "{sa{sv}}");
         int e;
         while ((e = sd_bus_message_enter_container(m, 'e', "sa{sv}")) > 0) {
-            if (text(m, 's') == deviceInterface)
+            if (std::strcmp(basic<const char*>(m, 's'), deviceInterface) == 0)
                 devices.push_back({object, readProperties(m)});
             else
                 check(sd_bus_message_skip(m, "a{sv}"), "a{sv}");
@@ -233,10 +233,17 @@ std::vector<Device> listDevices(sdbus::IConnection& connection)
     auto call = proxy->createMethodCall("org.freedesktop.DBus.ObjectManager", "GetManagedObjects");
     const auto reply = proxy->callMethod(call);
     auto devices = readDevices(RawMessage::of(reply));
-    std::sort(devices.begin(), devices.end(), [](const Device& a, const Device& b) {
-        return std::pair(a.u32("Number"), a.u64("DiskSeq")) < std::pair(b.u32("Number"), b.u64("DiskSeq"));
-    });
-    return devices;
+    // Keys looked up once per device, not twice per comparison.
+    std::vector<std::pair<std::pair<uint32_t, uint64_t>, std::size_t>> order;
+    order.reserve(devices.size());
+    for (std::size_t i = 0; i < devices.size(); ++i)
+        order.push_back({{devices[i].u32("Number"), devices[i].u64("DiskSeq")}, i});
+    std::sort(order.begin(), order.end());
+    std::vector<Device> sorted;
+    sorted.reserve(devices.size());
+    for (const auto& [key, i] : order)
+        sorted.push_back(std::move(devices[i]));
+    return sorted;
 }
 
 Device findDevice(sdbus::IConnection& connection, const std::string& name)

@@ -50,7 +50,8 @@ private:
     Data data_;
 };
 
-using Properties = std::map<std::string, Value>;
+// Transparent: looked up by a C string without making a std::string of it.
+using Properties = std::map<std::string, Value, std::less<>>;
 
 // One org.loopd1.Device object. The getters throw Failure naming the object and
 // the property when loopd did not send it with the type the contract gives.
