@@ -10,7 +10,9 @@ Held images are distinct files without a partition table (the fd and memory cost
 is per device; partitions only add udev work).
 """
 import argparse
+import fcntl
 import os
+import signal
 import statistics
 import sys
 import subprocess
@@ -98,22 +100,46 @@ def loopctl_list_ms():
     return best_of([LOOPCTL, "list"])
 
 
-def restart(env, held):
+def cpu_ms(pid):
+    """CPU time of every thread of pid so far (schedstat: ns, not clock ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass
+    return total / 1e6
+
+
+def restart(env, held, perf_restart=None):
     """loopd killed with every device held, and started again: how long until it
     owns its name again, and until it answers WaitReady for a held device. Every
     device must be adopted (listed), none re-attached (same diskseqs).
     Returns (named ms, answered ms)."""
+    perf = None
+    if perf_restart:
+        # System-wide (loopd's pid is not known before it starts); read with
+        # perf report --comm loopd.
+        perf = subprocess.Popen(["perf", "record", "-a", "-g", "-o", perf_restart], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(1)  # perf's own start-up, before the clock starts
     started = time.monotonic()
     env.restart_loopd(kill=True)  # returns once the name is owned (polled every 20 ms)
     named = (time.monotonic() - started) * 1000
+    cpu = cpu_ms(env.loopd.pid)
     if held:
         pydbus_call("WaitReady", "st", [str(held[-1]), 0])
     answered = (time.monotonic() - started) * 1000
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
     listed = pydbus_call("GetManagedObjects", "", [], iface="org.freedesktop.DBus.ObjectManager")
     diskseqs = {int(path.rsplit("/", 1)[1]) for path in listed if "/device/" in path}
     assert diskseqs == set(held), f"after the restart {len(diskseqs)} devices listed, {len(held)} held"
     print(f"restart with {len(held)} held (SIGKILL, start again): name owned after {named:.0f} ms, "
-          f"WaitReady answered after {answered:.0f} ms; all {len(held)} adopted", flush=True)
+          f"WaitReady answered after {answered:.0f} ms; all {len(held)} adopted; loopd's CPU until its name "
+          f"was owned {cpu:.0f} ms", flush=True)
     return named, answered
 
 
@@ -176,12 +202,47 @@ def targets_table(count, first, last, attach_none, restarts, rss):
         print(f"| {name} | {target} | {base_text} | {value:.1f} | {ratio} | {'yes' if met else 'no'} |", flush=True)
 
 
+LOOP_CTL_REMOVE = 0x4C81
+
+
+def loop_numbers():
+    return {int(name[4:]) for name in os.listdir("/sys/block") if name.startswith("loop") and name[4:].isdigit()}
+
+
+def remove_loop_devices(numbers):
+    """Removes the loop devices this run made the kernel create (loop-control adds
+    one per attach beyond max_loop): thousands of idle loopN left behind slow
+    udev and every later test. The kernel refuses (EBUSY) any that is bound,
+    so only unbound ones go. Returns how many remain of those."""
+    fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for number in sorted(numbers):
+            try:
+                fcntl.ioctl(fd, LOOP_CTL_REMOVE, number)
+            except OSError:
+                pass  # bound (someone's) or gone
+    finally:
+        os.close(fd)
+    return len(numbers & loop_numbers())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("count", type=int, nargs="?", default=2000)
     parser.add_argument("--hook", help="shell command run at each mark ($LOOPD_PID, $HELD set)")
+    parser.add_argument("--perf-restart", metavar="FILE", help="perf record -a -g the restart with all held")
     args = parser.parse_args()
     count = args.count
+    before = loop_numbers()
+    try:
+        run(args, count)
+    finally:
+        made = loop_numbers() - before
+        print(f"loop devices made by this run: {len(made)}, left after removing them: "
+              f"{remove_loop_devices(made)}", flush=True)
+
+
+def run(args, count):
     with Env() as env:
         held, lock = [], threading.Lock()
         marks = sorted({0, count // 2, count})
@@ -204,7 +265,7 @@ def main():
                                      "list": loopctl_list_ms()}
                 print(f"| {mark} | {rss[mark] / 1024:.2f} | {fds(pid)} | {f['attach']:.1f} | {f['raw']:.1f} | "
                       f"{f['python']:.1f} | {f['busctl']:.1f} | {f['list']:.1f} |", flush=True)
-            restarts.append(restart(env, held))
+            restarts.append(restart(env, held, args.perf_restart))
             pid = env.loopd.pid
             # Memory is judged per attached device: the slope, not a total.
             print(f"idle RSS {rss[0]:.0f} KiB; per device ({count} held - idle) / {count}: "
