@@ -1,12 +1,16 @@
 #include "devices.hpp"
 
+#include <systemd/sd-bus.h>
+
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 namespace loopctl {
 
 namespace {
 
-const sdbus::Variant& property(const Device& device, const char* key)
+const Value& property(const Device& device, const char* key)
 {
     const auto it = device.props.find(key);
     if (it == device.props.end())
@@ -17,13 +21,145 @@ const sdbus::Variant& property(const Device& device, const char* key)
 template <typename T> T typed(const Device& device, const char* key, const char* type)
 {
     const auto& value = property(device, key);
-    if (value.peekValueType() != type)
-        throw Failure(std::string(device.object) + ": property " + key + " has type '" + value.peekValueType() +
-                      "', not '" + type + "'");
+    if (value.type() != type)
+        throw Failure(std::string(device.object) + ": property " + key + " has type '" + value.type() + "', not '" +
+                      type + "'");
     return value.get<T>();
 }
 
+// sdbus-c++ 1.2 shows no accessor for a reply's sd-bus message; it is a protected
+// member, reached the standard way: through a pointer to member named in a
+// derived class.
+struct RawMessage : sdbus::Message {
+    static sd_bus_message* of(const sdbus::Message& message)
+    {
+        return static_cast<sd_bus_message*>(message.*(&RawMessage::msg_));
+    }
+};
+
+void check(int r, const char* what)
+{
+    if (r < 0)
+        throw Failure(std::string("cannot read loopd's GetManagedObjects reply (") + what + "): " + std::strerror(-r));
+}
+
+// Enters a container the reply must have here.
+void enter(sd_bus_message* m, char type, const char* contents)
+{
+    check(sd_bus_message_enter_container(m, type, contents), contents);
+}
+
+void exit(sd_bus_message* m)
+{
+    check(sd_bus_message_exit_container(m), "container");
+}
+
+template <typename T> T basic(sd_bus_message* m, char type)
+{
+    T value{};
+    check(sd_bus_message_read_basic(m, type, &value), "value");
+    return value;
+}
+
+std::string text(sd_bus_message* m, char type)
+{
+    return basic<const char*>(m, type);
+}
+
+// The value inside a variant; types the contract does not use are skipped.
+Value readVariant(sd_bus_message* m)
+{
+    const char* contents = nullptr;
+    check(sd_bus_message_peek_type(m, nullptr, &contents), "variant");
+    const std::string type = contents;
+    enter(m, 'v', contents);
+    Value value;
+    if (type == "s" || type == "o")
+        value = Value(type, text(m, type[0]));
+    else if (type == "t")
+        value = Value(basic<uint64_t>(m, 't'));
+    else if (type == "u")
+        value = Value(basic<uint32_t>(m, 'u'));
+    else if (type == "b")
+        value = Value(basic<int>(m, 'b') != 0); // sd-bus reads 'b' as an int
+    else if (type == "as") {
+        std::vector<std::string> items;
+        enter(m, 'a', "s");
+        const char* item = nullptr;
+        int r;
+        while ((r = sd_bus_message_read_basic(m, 's', &item)) > 0)
+            items.emplace_back(item);
+        check(r, "as");
+        exit(m);
+        value = Value(std::move(items));
+    } else {
+        check(sd_bus_message_skip(m, contents), contents);
+        value = Value(type, std::monostate{});
+    }
+    exit(m);
+    return value;
+}
+
+// a{sv}
+Properties readProperties(sd_bus_message* m)
+{
+    Properties props;
+    enter(m, 'a', "{sv}");
+    int r;
+    while ((r = sd_bus_message_enter_container(m, 'e', "sv")) > 0) {
+        auto key = text(m, 's');
+        props.emplace(std::move(key), readVariant(m));
+        exit(m);
+    }
+    check(r, "{sv}");
+    exit(m);
+    return props;
+}
+
+// a{oa{sa{sv}}}: the org.loopd1.Device objects, nothing of other interfaces.
+std::vector<Device> readDevices(sd_bus_message* m)
+{
+    std::vector<Device> devices;
+    enter(m, 'a', "{oa{sa{sv}}}");
+    int r;
+    while ((r = sd_bus_message_enter_container(m, 'e', "oa{sa{sv}}")) > 0) {
+        sdbus::ObjectPath object(text(m, 'o'));
+        enter(m, 'a', "{sa{sv}}");
+        int e;
+        while ((e = sd_bus_message_enter_container(m, 'e', "sa{sv}")) > 0) {
+            if (std::strcmp(basic<const char*>(m, 's'), deviceInterface) == 0)
+                devices.push_back({object, readProperties(m)});
+            else
+                check(sd_bus_message_skip(m, "a{sv}"), "a{sv}");
+            exit(m);
+        }
+        check(e, "{sa{sv}}");
+        exit(m);
+        exit(m);
+    }
+    check(r, "{oa{sa{sv}}}");
+    exit(m);
+    return devices;
+}
+
 } // namespace
+
+Value::Value(const sdbus::Variant& variant)
+{
+    const auto type = variant.peekValueType();
+    if (type == "s" || type == "o")
+        *this = Value(type, variant.get<std::string>());
+    else if (type == "t")
+        *this = Value(variant.get<uint64_t>());
+    else if (type == "u")
+        *this = Value(variant.get<uint32_t>());
+    else if (type == "b")
+        *this = Value(variant.get<bool>());
+    else if (type == "as")
+        *this = Value(variant.get<std::vector<std::string>>());
+    else
+        *this = Value(type, std::monostate{});
+}
 
 std::string Device::text(const char* key) const
 {
@@ -46,23 +182,24 @@ std::vector<std::string> Device::strings(const char* key) const
     return typed<std::vector<std::string>>(*this, key, "as");
 }
 
-Json toJson(const sdbus::Variant& value)
+Json toJson(const Value& value)
 {
-    const auto type = value.peekValueType();
-    if (type == "s" || type == "o")
-        return value.get<std::string>();
-    if (type == "t")
-        return value.get<uint64_t>();
-    if (type == "u")
-        return value.get<uint32_t>();
-    if (type == "b")
-        return value.get<bool>();
-    if (type == "as")
-        return value.get<std::vector<std::string>>();
-    return "(" + type + ")";
+    return std::visit(
+        [&](const auto& data) -> Json {
+            if constexpr (std::is_same_v<std::decay_t<decltype(data)>, std::monostate>)
+                return "(" + value.type() + ")";
+            else
+                return data;
+        },
+        value.data());
 }
 
-std::string toText(const sdbus::Variant& value)
+Json toJson(const sdbus::Variant& value)
+{
+    return toJson(Value(value));
+}
+
+std::string toText(const Value& value)
 {
     const auto json = toJson(value);
     if (json.is_string())
@@ -74,6 +211,11 @@ std::string toText(const sdbus::Variant& value)
         return joined;
     }
     return json.dump();
+}
+
+std::string toText(const sdbus::Variant& value)
+{
+    return toText(Value(value));
 }
 
 Json deviceJson(const Device& device)
@@ -88,16 +230,20 @@ std::vector<Device> listDevices(sdbus::IConnection& connection)
 {
     // A proxy on a connection it does not own starts no thread (sdbus-c++ 1.2).
     auto proxy = sdbus::createProxy(connection, busName, managerPath);
-    std::map<sdbus::ObjectPath, std::map<std::string, Properties>> objects;
-    proxy->callMethod("GetManagedObjects").onInterface("org.freedesktop.DBus.ObjectManager").storeResultsTo(objects);
-    std::vector<Device> devices;
-    for (auto& [path, interfaces] : objects)
-        if (const auto it = interfaces.find(deviceInterface); it != interfaces.end())
-            devices.push_back({path, std::move(it->second)});
-    std::sort(devices.begin(), devices.end(), [](const Device& a, const Device& b) {
-        return std::pair(a.u32("Number"), a.u64("DiskSeq")) < std::pair(b.u32("Number"), b.u64("DiskSeq"));
-    });
-    return devices;
+    auto call = proxy->createMethodCall("org.freedesktop.DBus.ObjectManager", "GetManagedObjects");
+    const auto reply = proxy->callMethod(call);
+    auto devices = readDevices(RawMessage::of(reply));
+    // Keys looked up once per device, not twice per comparison.
+    std::vector<std::pair<std::pair<uint32_t, uint64_t>, std::size_t>> order;
+    order.reserve(devices.size());
+    for (std::size_t i = 0; i < devices.size(); ++i)
+        order.push_back({{devices[i].u32("Number"), devices[i].u64("DiskSeq")}, i});
+    std::sort(order.begin(), order.end());
+    std::vector<Device> sorted;
+    sorted.reserve(devices.size());
+    for (const auto& [key, i] : order)
+        sorted.push_back(std::move(devices[i]));
+    return sorted;
 }
 
 Device findDevice(sdbus::IConnection& connection, const std::string& name)

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <variant>
 #include <vector>
 
 // loopd's devices as loopctl sees them: the org.loopd1.Device objects and their
@@ -20,7 +21,37 @@ inline constexpr const char* managerInterface = "org.loopd1.Manager";
 inline constexpr const char* deviceInterface = "org.loopd1.Device";
 
 using Json = nlohmann::ordered_json;
-using Properties = std::map<std::string, sdbus::Variant>;
+
+// One property's value as loopd sends it, read straight from the reply. Not an
+// sdbus::Variant: each of those is an sd-bus message of its own, and a list of
+// 4096 devices has 78 000 properties. Holds the types the contract uses; any
+// other is kept by its signature alone and printed as "(signature)".
+class Value {
+public:
+    using Data = std::variant<std::monostate, std::string, uint64_t, uint32_t, bool, std::vector<std::string>>;
+
+    Value() = default;
+    Value(std::string value) : type_("s"), data_(std::move(value)) {}
+    Value(const char* value) : Value(std::string(value)) {}
+    Value(uint64_t value) : type_("t"), data_(value) {}
+    Value(uint32_t value) : type_("u"), data_(value) {}
+    Value(bool value) : type_("b"), data_(value) {}
+    Value(std::vector<std::string> value) : type_("as"), data_(std::move(value)) {}
+    Value(std::string type, Data data) : type_(std::move(type)), data_(std::move(data)) {}
+    explicit Value(const sdbus::Variant& variant);
+
+    // The D-Bus signature ("s", "o", "t", "u", "b", "as", ...).
+    [[nodiscard]] const std::string& type() const { return type_; }
+    [[nodiscard]] const Data& data() const { return data_; }
+    template <typename T> [[nodiscard]] const T& get() const { return std::get<T>(data_); }
+
+private:
+    std::string type_;
+    Data data_;
+};
+
+// Transparent: looked up by a C string without making a std::string of it.
+using Properties = std::map<std::string, Value, std::less<>>;
 
 // One org.loopd1.Device object. The getters throw Failure naming the object and
 // the property when loopd did not send it with the type the contract gives.
@@ -35,8 +66,10 @@ struct Device {
     std::vector<std::string> strings(const char* key) const;
 };
 
+Json toJson(const Value& value);
 Json toJson(const sdbus::Variant& value);
-// A variant as one line of text: strings as they are, arrays joined by spaces.
+// A value as one line of text: strings as they are, arrays joined by spaces.
+std::string toText(const Value& value);
 std::string toText(const sdbus::Variant& value);
 // {"Object": path, <property>: <raw value>...}: what --json has always printed.
 Json deviceJson(const Device& device);

@@ -18,7 +18,17 @@ namespace loopctl {
 
 namespace {
 
-using Interfaces = std::map<std::string, Properties>;
+// As the signals carry them (one device at a time: sdbus-c++'s variants will do).
+using Variants = std::map<std::string, sdbus::Variant>;
+using Interfaces = std::map<std::string, Variants>;
+
+Properties toProperties(const Variants& variants)
+{
+    Properties props;
+    for (const auto& [key, value] : variants)
+        props.emplace(key, Value(value));
+    return props;
+}
 
 // One loopd device as the monitor knows it, to name it when it goes away.
 struct Known {
@@ -122,7 +132,7 @@ private:
         const auto it = interfaces.find(deviceInterface);
         if (it == interfaces.end())
             return;
-        const Device device{object, it->second};
+        const Device device{object, toProperties(it->second)};
         const Known known{device.text("DevNode"), device.u64("DiskSeq")};
         known_[object] = known;
         const auto ref = device.text("Ref");
@@ -160,7 +170,7 @@ private:
     void onChanged(sdbus::Message& message)
     {
         std::string interface;
-        Properties changed;
+        Variants changed;
         message >> interface >> changed;
         if (interface == managerInterface)
             changed.erase("Devices"); // every attach and detach: said by ready and removed

@@ -66,6 +66,7 @@ private:
     sdbus::internal::ISdBus* sdbus_ = nullptr; // to answer calls through sdbus::Result
     sd_bus_slot* vtable_ = nullptr;
     sd_bus_slot* enumerator_ = nullptr;
+    sd_bus_slot* managedObjects_ = nullptr; // GetManagedObjects on the manager's path
     std::map<uint64_t, DeviceObject*> objects_;
     Handlers& handlers_;
     bool announcing_ = false;

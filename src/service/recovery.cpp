@@ -95,7 +95,9 @@ bool Recovery::adopt(const core::Record& record)
     device.options.lifetime = record.lifetime;
     device.options.autoclear = record.info.autoclear;
     device.options.hidden = record.hidden;
-    device.source = uevent::udevRunning() ? EventSource::Udev : EventSource::Kernel;
+    // Known since start-up (udevWatch_): asking udevd's socket for each of 4096
+    // devices was a socket, connect and close each.
+    device.source = s_.udevRunning ? EventSource::Udev : EventSource::Kernel;
     device.owner = record.owner;
     device.ownerUid = record.ownerUid;
     device.state = DeviceState::Ready;

@@ -25,11 +25,14 @@ constexpr std::chrono::seconds reprobeLimit{10};
 
 namespace {
 
-// The device is still the recorded attachment: bound, same diskseq on an fd of
-// its own (no detach and re-attach can slip in between the check and the use).
+// The device still carries the recorded attachment's diskseq, read again on an
+// fd of its own (no detach and re-attach can slip in between the check and the
+// use). Whether it is still bound is for isTagged(), whose LOOP_GET_STATUS64
+// fails on an unbound device: no sysfs read of backing_file for that (4096 of
+// them in a restart).
 std::optional<UniqueFd> openIfStill(unsigned number, uint64_t diskseq)
 {
-    if (kernel::sysfsDiskseq(number) != diskseq || !kernel::sysfsBackingFile(number))
+    if (kernel::sysfsDiskseq(number) != diskseq)
         return std::nullopt;
     auto fd = kernel::tryOpenLoop(number, true);
     if (!fd || kernel::diskseq(fd->get()) != diskseq)
@@ -68,8 +71,9 @@ std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
     if (!isTagged(fd->get(), record))
         return std::nullopt;
     kernel::lockFd(fd->get(), LOCK_SH);
-    const auto present = kernel::existingPartitions(info.number);
-    if (info.partscan && present.size() < info.partitions.size()) {
+    // A device recorded without partitions has none to re-add: no readdir.
+    if (info.partscan && !info.partitions.empty() &&
+        kernel::existingPartitions(info.number).size() < info.partitions.size()) {
         for (const auto& spec : kernel::probePartitionsConfined(fd->get(), core::Clock::now() + reprobeLimit))
             kernel::addPartition(fd->get(), spec);
         readded = true;

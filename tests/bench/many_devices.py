@@ -5,16 +5,22 @@ time as the count grows. A program that prints numbers, not a test.
 Run as root from the build tree, with the soft fd limit of a plain shell (1024) so
 that loopd has to raise its own, as under loopd.service (LimitNOFILE=524288):
     prlimit --nofile=1024:HARD env LOOPD=$PWD/build/loopd LOOPCTL=$PWD/build/loopctl \\
-        LOOPD_SRC=$PWD PYTHONPATH=tests/integration tests/bench/many_devices.py [COUNT]
+        LOOPD_SRC=$PWD PYTHONPATH=tests/integration tests/bench/many_devices.py [COUNT] [--hook CMD]
 Held images are distinct files without a partition table (the fd and memory cost
 is per device; partitions only add udev work).
 """
+import argparse
+import fcntl
 import os
+import signal
 import statistics
 import sys
 import subprocess
 import threading
 import time
+
+import dbus
+import dbus.lowlevel
 
 from harness import (LOOPCTL, Env, detach_quietly, pydbus_attach, pydbus_call, pydbus_options,
                      verify_reply)
@@ -47,13 +53,31 @@ def attach_latency(env, rounds=10):
         samples.append((time.monotonic() - started) * 1000)
         verify_reply(reply, image)
         detach_quietly(reply["diskseq"])
-    return statistics.median(samples)
+    return samples
 
 
 def managed_objects_ms():
     started = time.monotonic()
     pydbus_call("GetManagedObjects", "", [], iface="org.freedesktop.DBus.ObjectManager")
     return (time.monotonic() - started) * 1000
+
+
+def managed_objects_raw_ms(rounds=5):
+    """The call's round trip without decoding the reply (libdbus reads and
+    validates it, dbus-python makes no objects of it): loopd and dbus-daemon,
+    not the client. The best of a few, on one connection."""
+    conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
+    try:
+        best = float("inf")
+        for _ in range(rounds):
+            call = dbus.lowlevel.MethodCallMessage("org.loopd1", "/org/loopd1", "org.freedesktop.DBus.ObjectManager",
+                                                   "GetManagedObjects")
+            started = time.monotonic()
+            conn.send_message_with_reply_and_block(call, 60)
+            best = min(best, (time.monotonic() - started) * 1000)
+        return best
+    finally:
+        conn.close()
 
 
 def best_of(argv, rounds=5):
@@ -76,68 +100,187 @@ def loopctl_list_ms():
     return best_of([LOOPCTL, "list"])
 
 
-def restart(env, held):
+def cpu_ms(pid):
+    """CPU time of every thread of pid so far (schedstat: ns, not clock ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass
+    return total / 1e6
+
+
+def restart(env, held, perf_restart=None):
     """loopd killed with every device held, and started again: how long until it
     owns its name again, and until it answers WaitReady for a held device. Every
-    device must be adopted (listed), none re-attached (same diskseqs)."""
+    device must be adopted (listed), none re-attached (same diskseqs).
+    Returns (named ms, answered ms)."""
+    perf = None
+    if perf_restart:
+        # System-wide (loopd's pid is not known before it starts); read with
+        # perf report --comm loopd.
+        perf = subprocess.Popen(["perf", "record", "-a", "-g", "-o", perf_restart], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(1)  # perf's own start-up, before the clock starts
     started = time.monotonic()
     env.restart_loopd(kill=True)  # returns once the name is owned (polled every 20 ms)
     named = (time.monotonic() - started) * 1000
-    pydbus_call("WaitReady", "st", [str(held[-1]), 0])
+    cpu = cpu_ms(env.loopd.pid)
+    if held:
+        pydbus_call("WaitReady", "st", [str(held[-1]), 0])
     answered = (time.monotonic() - started) * 1000
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
     listed = pydbus_call("GetManagedObjects", "", [], iface="org.freedesktop.DBus.ObjectManager")
     diskseqs = {int(path.rsplit("/", 1)[1]) for path in listed if "/device/" in path}
     assert diskseqs == set(held), f"after the restart {len(diskseqs)} devices listed, {len(held)} held"
     print(f"restart with {len(held)} held (SIGKILL, start again): name owned after {named:.0f} ms, "
-          f"WaitReady answered after {answered:.0f} ms; all {len(held)} adopted", flush=True)
+          f"WaitReady answered after {answered:.0f} ms; all {len(held)} adopted; loopd's CPU until its name "
+          f"was owned {cpu:.0f} ms", flush=True)
+    return named, answered
+
+
+def hook(command, env, held):
+    """--hook: a command run at each mark (e.g. tests/bench/cpu_split.py, perf or
+    strace against $LOOPD_PID; $BUS_PID is dbus-daemon's), to profile at that scale."""
+    if command:
+        subprocess.run(["sh", "-c", command], check=False,
+                       env=dict(os.environ, LOOPD_PID=str(env.loopd.pid), BUS_PID=str(env.bus.pid),
+                                  HELD=str(len(held))))
+
+
+def attach_all(env, held, lock, todo):
+    images = [env.image("none") for _ in range(todo)]
+
+    def attach_some(i):
+        for image in images[i::THREADS]:
+            reply = pydbus_attach(image.path, pydbus_options())
+            with lock:
+                held.append(reply["diskseq"])
+    workers = [threading.Thread(target=attach_some, args=(i,)) for i in range(THREADS)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def detach_all(held):
+    def detach_some(i):
+        for diskseq in held[i::THREADS]:
+            detach_quietly(diskseq)
+    workers = [threading.Thread(target=detach_some, args=(i,)) for i in range(THREADS)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    held.clear()
+
+
+def targets_table(count, first, last, attach_none, restarts, rss):
+    """Each figure against its target (issue 16) and against its baseline from this
+    run: the same figure with no device held."""
+    rows = [
+        ("attach median, GPT 3 parts (ms)", "≤ 1.1 × none held", attach_none, last["attach"],
+         last["attach"] <= 1.1 * attach_none),
+        ("GetManagedObjects round trip, no decoding (ms)", "≤ 50", first["raw"], last["raw"], last["raw"] <= 50),
+        ("GetManagedObjects, busctl (ms)", "≤ 50", first["busctl"], last["busctl"], last["busctl"] <= 50),
+        ("GetManagedObjects, python3-dbus (ms)", "≤ 50", first["python"], last["python"], last["python"] <= 50),
+        ("loopctl list (ms)", "≤ 100", first["list"], last["list"], last["list"] <= 100),
+        ("restart: name owned (ms)", "≤ 1000", restarts[0][0], restarts[1][0], restarts[1][0] <= 1000),
+        ("restart: WaitReady answered (ms)", "≤ 1000", restarts[0][1], restarts[1][1], restarts[1][1] <= 1000),
+        ("RSS per device (KiB), (held - idle) / held", "≤ 4", None, (rss[count] - rss[0]) / count,
+         (rss[count] - rss[0]) / count <= 4),
+    ]
+    print(f"\n| figure | target | none held (baseline) | {count} held | ratio | met |")
+    print("|---|---|---:|---:|---:|---|")
+    for name, target, base, value, met in rows:
+        ratio = f"{value / base:.2f}" if base else "-"
+        base_text = f"{base:.1f}" if base is not None else "-"
+        print(f"| {name} | {target} | {base_text} | {value:.1f} | {ratio} | {'yes' if met else 'no'} |", flush=True)
+
+
+LOOP_CTL_REMOVE = 0x4C81
+
+
+def loop_numbers():
+    return {int(name[4:]) for name in os.listdir("/sys/block") if name.startswith("loop") and name[4:].isdigit()}
+
+
+def remove_loop_devices(numbers):
+    """Removes the loop devices this run made the kernel create (loop-control adds
+    one per attach beyond max_loop): thousands of idle loopN left behind slow
+    udev and every later test. The kernel refuses (EBUSY) any that is bound,
+    so only unbound ones go. Returns how many remain of those."""
+    fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for number in sorted(numbers):
+            try:
+                fcntl.ioctl(fd, LOOP_CTL_REMOVE, number)
+            except OSError:
+                pass  # bound (someone's) or gone
+    finally:
+        os.close(fd)
+    return len(numbers & loop_numbers())
 
 
 def main():
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("count", type=int, nargs="?", default=2000)
+    parser.add_argument("--hook", help="shell command run at each mark ($LOOPD_PID, $HELD set)")
+    parser.add_argument("--perf-restart", metavar="FILE", help="perf record -a -g the restart with all held")
+    args = parser.parse_args()
+    count = args.count
+    before = loop_numbers()
+    try:
+        run(args, count)
+    finally:
+        made = loop_numbers() - before
+        print(f"loop devices made by this run: {len(made)}, left after removing them: "
+              f"{remove_loop_devices(made)}", flush=True)
+
+
+def run(args, count):
     with Env() as env:
-        pid = env.loopd.pid
         held, lock = [], threading.Lock()
         marks = sorted({0, count // 2, count})
-        rss = {}
+        rss, figures, samples = {}, {}, {}
+        restarts = [restart(env, held)]  # the baseline: nothing to adopt
+        pid = env.loopd.pid
         print("| held | loopd RSS (MiB) | loopd fds | attach median (ms, GPT 3 parts) | GetManagedObjects, "
-              "python3-dbus (ms) | GetManagedObjects, busctl (ms) | loopctl list (ms) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+              "no decoding (ms) | GetManagedObjects, python3-dbus (ms) | GetManagedObjects, busctl (ms) | "
+              "loopctl list (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         try:
             for mark in marks:
-                todo = mark - len(held)
-                images = [env.image("none") for _ in range(todo)]
-
-                def attach_some(i):
-                    for image in images[i::THREADS]:
-                        reply = pydbus_attach(image.path, pydbus_options())
-                        with lock:
-                            held.append(reply["diskseq"])
-                workers = [threading.Thread(target=attach_some, args=(i,)) for i in range(THREADS)]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
+                attach_all(env, held, lock, mark - len(held))
                 assert len(held) == mark, f"{len(held)} held, expected {mark}"
                 rss[mark] = rss_kib(pid)
-                print(f"| {mark} | {rss[mark] / 1024:.2f} | {fds(pid)} | {attach_latency(env):.1f} | "
-                      f"{managed_objects_ms():.1f} | {busctl_managed_objects_ms():.1f} | {loopctl_list_ms():.1f} |",
-                      flush=True)
-            restart(env, held)
+                hook(args.hook, env, held)
+                samples[mark] = attach_latency(env)
+                f = figures[mark] = {"attach": statistics.median(samples[mark]), "raw": managed_objects_raw_ms(),
+                                     "python": managed_objects_ms(), "busctl": busctl_managed_objects_ms(),
+                                     "list": loopctl_list_ms()}
+                print(f"| {mark} | {rss[mark] / 1024:.2f} | {fds(pid)} | {f['attach']:.1f} | {f['raw']:.1f} | "
+                      f"{f['python']:.1f} | {f['busctl']:.1f} | {f['list']:.1f} |", flush=True)
+            restarts.append(restart(env, held, args.perf_restart))
             pid = env.loopd.pid
             # Memory is judged per attached device: the slope, not a total.
             print(f"idle RSS {rss[0]:.0f} KiB; per device ({count} held - idle) / {count}: "
                   f"{(rss[count] - rss[0]) / count:.2f} KiB; from {count // 2} to {count}: "
                   f"{(rss[count] - rss[count // 2]) / (count - count // 2):.2f} KiB", flush=True)
         finally:
-            def detach_some(i):
-                for diskseq in held[i::THREADS]:
-                    detach_quietly(diskseq)
-            workers = [threading.Thread(target=detach_some, args=(i,)) for i in range(THREADS)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            print(f"after releasing all: RSS {rss_mib(pid):.2f} MiB, {fds(pid)} fds")
+            detach_all(held)
+            print(f"after releasing all: RSS {rss_mib(pid):.2f} MiB, {fds(pid)} fds", flush=True)
+        # None held again: the attach baseline pools before and after, so that a
+        # machine that got busier meanwhile does not pass for an effect of the devices.
+        after = attach_latency(env)
+        attach_none = statistics.median(samples[0] + after)
+        print(f"attach median with none held: before {figures[0]['attach']:.1f} ms, after "
+              f"{statistics.median(after):.1f} ms, pooled {attach_none:.1f} ms", flush=True)
+        targets_table(count, figures[0], figures[count], attach_none, restarts, rss)
 
 
 if __name__ == "__main__":

@@ -254,6 +254,63 @@ def test_device_object_matches_the_interface_xml(env):
         detach_quietly(reply["diskseq"])
 
 
+def typed(value):
+    """A dbus-python value with its D-Bus type, for comparisons that tell
+    UInt32 from UInt64 and Boolean from integers."""
+    if isinstance(value, dbus.Array):
+        return (value.signature, [typed(v) for v in value])
+    return (type(value).__name__, value.variant_level, value)
+
+
+def busctl_json(*args):
+    return json.loads(run("busctl", "--system", "--json=short", "call", "org.loopd1", *args).stdout)["data"]
+
+
+def test_managed_objects_match_each_object(env):
+    """GetManagedObjects (loopd answers it with a handler of its own, not sd-bus's
+    walk) lists exactly the attached devices, each with the interfaces its
+    introspection names and, per interface, what Properties.GetAll returns, value
+    and type, read through dbus-python and through busctl --json."""
+    replies = [attach(env.image("gpt3").path, ref=dbus.String("managed-a")), attach(env.image("none").path),
+               attach(env.image("mbr2").path, read_only=dbus.Boolean(True))]
+    try:
+        paths = {r["device"] for r in replies}
+        bus = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
+        try:
+            manager = bus.get_object("org.loopd1", MANAGER_PATH, introspect=False)
+            listed = manager.GetManagedObjects(dbus_interface="org.freedesktop.DBus.ObjectManager")
+            assert set(listed) == paths, f"GetManagedObjects lists {sorted(listed)}, attached {sorted(paths)}"
+            for path in paths:
+                obj = bus.get_object("org.loopd1", path, introspect=False)
+                xml = obj.Introspect(dbus_interface="org.freedesktop.DBus.Introspectable")
+                interfaces = {i.get("name") for i in ET.fromstring(xml).findall("interface")}
+                assert set(listed[path]) == interfaces, \
+                    f"{path}: GetManagedObjects lists {sorted(listed[path])}, introspection {sorted(interfaces)}"
+                for interface, props in listed[path].items():
+                    every = obj.GetAll(interface, dbus_interface="org.freedesktop.DBus.Properties")
+                    assert {k: typed(v) for k, v in props.items()} == {k: typed(v) for k, v in every.items()}, \
+                        f"{path} {interface}: GetManagedObjects {dict(props)}, GetAll {dict(every)}"
+                assert len(listed[path][DEVICE_IFACE]) == 19, f"{path}: {sorted(listed[path][DEVICE_IFACE])}"
+        finally:
+            bus.close()
+        objects = busctl_json(MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")[0]
+        assert set(objects) == paths, f"busctl: GetManagedObjects lists {sorted(objects)}"
+        for path in paths:
+            for interface, props in objects[path].items():
+                every = busctl_json(path, "org.freedesktop.DBus.Properties", "GetAll", "s", interface)[0]
+                assert props == every, f"busctl {path} {interface}: GetManagedObjects {props}, GetAll {every}"
+        by_path = {r["device"]: r for r in replies}
+        for path, reply in by_path.items():
+            device = objects[path][DEVICE_IFACE]
+            assert device["DiskSeq"] == {"type": "t", "data": reply["diskseq"]}, f"{path}: {device['DiskSeq']}"
+            assert device["DevNode"] == {"type": "s", "data": reply["devnode"]}, f"{path}: {device['DevNode']}"
+        assert objects[replies[0]["device"]][DEVICE_IFACE]["Ref"]["data"] == "managed-a"
+        assert objects[replies[2]["device"]][DEVICE_IFACE]["ReadOnly"]["data"] is True
+    finally:
+        for reply in replies:
+            detach_quietly(reply["diskseq"])
+
+
 # --------------------------------------------------------------------------- 1. Busy changes nothing
 
 def busy_changes_nothing(env, image, reply, node_to_mount):

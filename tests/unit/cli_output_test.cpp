@@ -16,14 +16,14 @@ namespace {
 Device device(uint32_t number, uint64_t diskseq, const std::string& ref, const std::string& file)
 {
     Properties props{
-        {"DevNode", sdbus::Variant(std::string("/dev/loop") + std::to_string(number))},
-        {"DiskSeq", sdbus::Variant(diskseq)},
-        {"Number", sdbus::Variant(number)},
-        {"Ref", sdbus::Variant(ref)},
-        {"Partitions", sdbus::Variant(std::vector<std::string>{"/dev/loopXp1"})},
-        {"Size", sdbus::Variant(uint64_t{67108864})},
-        {"ReadOnly", sdbus::Variant(true)},
-        {"BackingFile", sdbus::Variant(file)},
+        {"DevNode", Value(std::string("/dev/loop") + std::to_string(number))},
+        {"DiskSeq", Value(diskseq)},
+        {"Number", Value(number)},
+        {"Ref", Value(ref)},
+        {"Partitions", Value(std::vector<std::string>{"/dev/loopXp1"})},
+        {"Size", Value(uint64_t{67108864})},
+        {"ReadOnly", Value(true)},
+        {"BackingFile", Value(file)},
     };
     return {sdbus::ObjectPath("/org/loopd1/device/" + std::to_string(diskseq)), props};
 }
