@@ -1,6 +1,7 @@
 #pragma once
 
 #include "attach_flow.hpp"
+#include "autoclear_watch.hpp"
 #include "bus_objects.hpp"
 #include "callers.hpp"
 #include "detach_flow.hpp"
@@ -94,6 +95,7 @@ private:
     FindFlow find_;
     ResizeFlow resize_;
     OpenFlow open_;
+    AutoclearWatch autoclear_;
     std::unique_ptr<ManagerObject> manager_;
 
     core::RequestId trimmedAt_ = 1; // issued ids at the last malloc_trim
