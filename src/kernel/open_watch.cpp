@@ -2,12 +2,14 @@
 
 #include <fcntl.h>
 #include <sys/fanotify.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <array>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 #include <system_error>
 
 namespace loopd::kernel {
@@ -92,6 +94,37 @@ std::vector<OpenWatch::Open> OpenWatch::read(bool& overflow)
         }
     }
     return opens;
+}
+
+MountTable::MountTable() : fd_(::open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC))
+{
+    if (!fd_)
+        throw std::system_error(errno, std::generic_category(), "open /proc/self/mountinfo");
+}
+
+std::set<dev_t> MountTable::devices()
+{
+    std::string text;
+    std::array<char, 16384> buffer{};
+    if (::lseek(fd_.get(), 0, SEEK_SET) < 0)
+        throw std::system_error(errno, std::generic_category(), "lseek /proc/self/mountinfo");
+    for (;;) {
+        const auto n = ::read(fd_.get(), buffer.data(), buffer.size());
+        if (n < 0)
+            throw std::system_error(errno, std::generic_category(), "read /proc/self/mountinfo");
+        if (n == 0)
+            break;
+        text.append(buffer.data(), static_cast<std::size_t>(n));
+    }
+    // "36 35 98:0 /mnt1 /mnt2 rw ...": the third field is the device.
+    std::set<dev_t> found;
+    std::istringstream lines(text);
+    for (std::string line; std::getline(lines, line);) {
+        unsigned id = 0, parent = 0, major = 0, minor = 0;
+        if (std::sscanf(line.c_str(), "%u %u %u:%u", &id, &parent, &major, &minor) == 4)
+            found.insert(makedev(major, minor));
+    }
+    return found;
 }
 
 pid_t parentPid(pid_t pid)

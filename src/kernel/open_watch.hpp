@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,22 @@ private:
     };
     UniqueFd fd_;
     std::map<std::string, Marked> handles_; // file handle bytes (type + f_handle) -> node
+};
+
+// loopd's mount table (/proc/self/mountinfo): its fd signals EPOLLPRI when a
+// mount or umount changed it. mount(2) of a block device opens it by device
+// number, never through its node: that open is seen only here. Only mounts that
+// reach loopd's mount namespace (under loopd.service, PrivateMounts=: what the
+// host mounts propagates to it) are seen.
+class MountTable {
+public:
+    MountTable();
+    [[nodiscard]] int fd() const { return fd_.get(); }
+    // The device numbers of every mounted filesystem now.
+    std::set<dev_t> devices();
+
+private:
+    UniqueFd fd_;
 };
 
 // The parent of a process (procfs), 0 when it cannot be read (gone, hidden).

@@ -5,6 +5,8 @@
 
 #include <loopd/log.hpp>
 
+#include <sys/epoll.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -41,6 +43,8 @@ AutoclearWatch::AutoclearWatch(Services& services, EventLoop& loop) : s_(service
 
 AutoclearWatch::~AutoclearWatch()
 {
+    if (mounts_)
+        loop_.unwatch(mounts_->fd());
     for (const auto& [diskseq, pidFds] : openers_)
         for (const auto& pidFd : pidFds)
             loop_.unwatch(pidFd->get());
@@ -58,6 +62,54 @@ void AutoclearWatch::track(const Device& device)
     } catch (const std::exception& e) {
         log::warn("opens of dev={} are not watched ({}): it is let go of only at its first Device.Open",
                   device.describe(), e.what());
+        return;
+    }
+    tracked_.insert(device.info.diskseq);
+    if (mounts_)
+        return;
+    try {
+        mounts_.emplace();
+        loop_.watch(
+            mounts_->fd(), [this] { onMounts(); }, EPOLLPRI);
+    } catch (const std::exception& e) {
+        mounts_.reset();
+        log::warn("mounts are not watched ({}): a mount that opens no device node does not count as a use of an "
+                  "autoclear device",
+                  e.what());
+    }
+}
+
+void AutoclearWatch::untrack(uint64_t diskseq)
+{
+    tracked_.erase(diskseq);
+    if (!tracked_.empty() || !mounts_)
+        return;
+    loop_.unwatch(mounts_->fd());
+    mounts_.reset();
+}
+
+void AutoclearWatch::onMounts()
+{
+    std::set<dev_t> mounted;
+    try {
+        mounted = mounts_->devices();
+    } catch (const std::exception& e) {
+        log::warn("reading the mount table failed: {}", e.what());
+        return;
+    }
+    const std::vector<uint64_t> tracked(tracked_.begin(), tracked_.end());
+    for (const auto diskseq : tracked) {
+        const auto* device = s_.table.find(diskseq);
+        if (!device || device->state != DeviceState::Ready)
+            continue;
+        for (const auto& node : nodesOf(device->info)) {
+            struct stat st {};
+            if (::stat(node.c_str(), &st) == 0 && S_ISBLK(st.st_mode) && mounted.count(st.st_rdev)) {
+                log::info("{} is mounted: loopd lets go of {} (autoclear)", node, device->describe());
+                letGo(diskseq);
+                break;
+            }
+        }
     }
 }
 
@@ -65,6 +117,12 @@ void AutoclearWatch::forget(unsigned number)
 {
     if (watch_)
         watch_->remove(number);
+    std::vector<uint64_t> gone;
+    for (const auto diskseq : tracked_)
+        if (const auto* device = s_.table.find(diskseq); !device || device->info.number == number)
+            gone.push_back(diskseq);
+    for (const auto diskseq : gone)
+        untrack(diskseq);
     for (auto it = openers_.begin(); it != openers_.end();) {
         const auto* device = s_.table.find(it->first);
         if (device && device->info.number != number) {
@@ -153,6 +211,7 @@ void AutoclearWatch::letGo(uint64_t diskseq)
     }
     if (watch_)
         watch_->remove(device->info.number);
+    untrack(diskseq);
     device->state = DeviceState::Resizing;
     s_.workers.submit([this, diskseq, lockFd = device->lockFd]() -> WorkerPool::Continuation {
         {

@@ -32,6 +32,8 @@
 // close and mount(2), release the device and fail the mount. Once the opener has
 // exited, whatever it left holding the device (a mount, a child with the fd) makes
 // the last close; if nothing, loopd's close is the last one and releases it then.
+// A mount that opened no node (`mount -t ext4 /dev/loopN`, a mount unit) is seen
+// in loopd's mount table instead, and let go of at once: the mount holds it.
 namespace loopd::service {
 
 class AutoclearWatch {
@@ -46,6 +48,8 @@ public:
     [[nodiscard]] int fd() const { return watch_ ? watch_->fd() : -1; }
     // Readable fd: who opened which watched node.
     void onOpens();
+    // The mount table changed (watched while an autoclear device is held).
+    void onMounts();
     // A device is ready (attached, adopted, resized, taken back): its nodes are
     // watched if it is an autoclear device loopd still holds.
     void track(const Device& device);
@@ -59,6 +63,7 @@ private:
     [[nodiscard]] bool ownOrUdev(pid_t pid) const;
     void letGo(uint64_t diskseq);
     void dropOpeners(uint64_t diskseq);
+    void untrack(uint64_t diskseq);
 
     Services& s_;
     EventLoop& loop_;
@@ -67,6 +72,10 @@ private:
     std::map<uint64_t, std::vector<std::shared_ptr<UniqueFd>>> openers_;
     // Openers gone while the device was busy (resizing): let go once it is ready.
     std::set<uint64_t> deferred_;
+    // Held autoclear devices whose nodes are watched; while there is one, the
+    // mount table is watched too.
+    std::set<uint64_t> tracked_;
+    std::optional<kernel::MountTable> mounts_;
 };
 
 } // namespace loopd::service

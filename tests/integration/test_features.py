@@ -312,16 +312,11 @@ def check_released(env, watcher, reply, ref, image, what):
     expect_error("NotFound", detach_call, diskseq)
 
 
-def test_autoclear_released_at_umount_of_disk(env):
-    """autoclear, a filesystem image without a table: `mount /dev/loopN` keeps the
-    device (attached, listed, linked); `umount` is the last close: the kernel
-    releases it and loopd reports DeviceRemoved(reason autoclear). Failed before
-    (loopd held its fd until Detach): no DeviceRemoved after the umount, the device
-    still bound."""
+def released_at_umount_of_disk(env, ref, *mount_options):
     image = env.image("none")
     run("mkfs.ext4", "-q", "-F", image.path)
     watcher = SignalWatcher()
-    reply = attach_autoclear(image.path, "ac-disk")
+    reply = attach_autoclear(image.path, ref)
     mnt = env.path("mnt")
     os.makedirs(mnt)
     mounted = False
@@ -329,16 +324,32 @@ def test_autoclear_released_at_umount_of_disk(env):
         with detaching(reply):
             verify_reply(reply, image)
             assert busctl_get_property(reply["device"], DEVICE_IFACE, "Autoclear") is True
-            run("mount", reply["devnode"], mnt)
+            run("mount", *mount_options, reply["devnode"], mnt)
             mounted = True
-            check_kept(env, watcher, reply, "ac-disk", "by mount")
+            check_kept(env, watcher, reply, ref, "by mount")
             run("umount", mnt)
             mounted = False
-            check_released(env, watcher, reply, "ac-disk", image.path, "umount")
+            check_released(env, watcher, reply, ref, image.path, "umount")
     finally:
         watcher.close()
         if mounted:
             run("umount", mnt, check=False)
+
+
+def test_autoclear_released_at_umount_of_disk(env):
+    """autoclear, a filesystem image without a table: `mount /dev/loopN` keeps the
+    device (attached, listed, linked); `umount` is the last close: the kernel
+    releases it and loopd reports DeviceRemoved(reason autoclear). Failed before
+    (loopd held its fd until Detach): no DeviceRemoved after the umount, the device
+    still bound."""
+    released_at_umount_of_disk(env, "ac-disk")
+
+
+def test_autoclear_mount_without_probe_released_at_umount(env):
+    """The same with `mount -t ext4`, which opens no node (no probe; mount(2)
+    opens the block device by number): seen in the mount table. Failed before as
+    the test above."""
+    released_at_umount_of_disk(env, "ac-typed", "-t", "ext4")
 
 
 def test_autoclear_released_at_umount_of_partition(env):
