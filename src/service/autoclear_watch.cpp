@@ -46,13 +46,13 @@ AutoclearWatch::~AutoclearWatch()
     if (mounts_)
         loop_.unwatch(mounts_->fd());
     for (const auto& [diskseq, pidFds] : openers_)
-        for (const auto& pidFd : pidFds)
+        for (const auto& [pid, pidFd] : pidFds)
             loop_.unwatch(pidFd->get());
 }
 
 void AutoclearWatch::track(const Device& device)
 {
-    if (deferred_.erase(device.info.diskseq))
+    if (letGoWhenReady_.erase(device.info.diskseq))
         return letGo(device.info.diskseq);
     if (!watch_ || !device.options.autoclear || device.options.lifetime == Lifetime::Fd || !device.lockFd ||
         !*device.lockFd || device.state != DeviceState::Ready)
@@ -129,11 +129,11 @@ void AutoclearWatch::forget(unsigned number)
             ++it;
             continue;
         }
-        for (const auto& pidFd : it->second)
+        for (const auto& [pid, pidFd] : it->second)
             loop_.unwatch(pidFd->get());
         it = openers_.erase(it);
     }
-    std::erase_if(deferred_, [this](uint64_t diskseq) { return !s_.table.find(diskseq); });
+    std::erase_if(letGoWhenReady_, [this](uint64_t diskseq) { return !s_.table.find(diskseq); });
 }
 
 void AutoclearWatch::onOpens()
@@ -170,6 +170,8 @@ bool AutoclearWatch::ownOrUdev(pid_t pid) const
 void AutoclearWatch::openedBy(Device& device, pid_t pid)
 {
     const auto diskseq = device.info.diskseq;
+    if (openers_[diskseq].count(pid)) // opened again by the same process
+        return;
     log::Scope about{device.about()};
     // 0: a process in a pid namespace loopd cannot see: it cannot be waited for.
     UniqueFd pidFd(pid > 0 ? static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)) : -1);
@@ -181,7 +183,7 @@ void AutoclearWatch::openedBy(Device& device, pid_t pid)
     log::info("dev={} opened by pid={}: loopd lets go of it when that process exits (autoclear)", device.describe(),
               pid);
     auto shared = std::make_shared<UniqueFd>(std::move(pidFd));
-    openers_[diskseq].push_back(shared);
+    openers_[diskseq].emplace(pid, shared);
     loop_.watch(shared->get(), [this, diskseq] { letGo(diskseq); });
 }
 
@@ -190,7 +192,7 @@ void AutoclearWatch::dropOpeners(uint64_t diskseq)
     const auto it = openers_.find(diskseq);
     if (it == openers_.end())
         return;
-    for (const auto& pidFd : it->second)
+    for (const auto& [pid, pidFd] : it->second)
         loop_.unwatch(pidFd->get());
     openers_.erase(it);
 }
@@ -203,10 +205,14 @@ void AutoclearWatch::letGo(uint64_t diskseq)
 {
     dropOpeners(diskseq);
     auto* device = s_.table.find(diskseq);
-    if (!device || !device->lockFd || !*device->lockFd)
+    if (!device)
         return;
+    if (!device->lockFd || !*device->lockFd) { // let go of already (Detach deferred)
+        untrack(diskseq);
+        return;
+    }
     if (device->state != DeviceState::Ready) { // a resize or refused detach: when it is done (track)
-        deferred_.insert(diskseq);
+        letGoWhenReady_.insert(diskseq);
         return;
     }
     if (watch_)

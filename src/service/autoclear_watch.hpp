@@ -68,10 +68,13 @@ private:
     Services& s_;
     EventLoop& loop_;
     std::optional<kernel::OpenWatch> watch_;
-    // Openers waited for, per diskseq: pidfds, readable when the process exits.
-    std::map<uint64_t, std::vector<std::shared_ptr<UniqueFd>>> openers_;
+    // Openers waited for, per diskseq: pid -> pidfd, readable when it exits. A pid
+    // is taken from the event and opened as a pidfd after: one that exited and
+    // whose number was reused meanwhile is waited for instead (then loopd lets go
+    // later, never earlier).
+    std::map<uint64_t, std::map<pid_t, std::shared_ptr<UniqueFd>>> openers_;
     // Openers gone while the device was busy (resizing): let go once it is ready.
-    std::set<uint64_t> deferred_;
+    std::set<uint64_t> letGoWhenReady_;
     // Held autoclear devices whose nodes are watched; while there is one, the
     // mount table is watched too.
     std::set<uint64_t> tracked_;
