@@ -353,6 +353,8 @@ void AttachFlow::ready(core::RequestId id)
     auto& device = *s_.table.find(done.diskseq);
     writeRecord(s_.records, device.record(core::Record::State::Owned));
     exportDevice(s_, device);
+    if (s_.watchOpens) // before the reply: an open by the caller that follows it is seen
+        s_.watchOpens(device);
     replyReady(done.result, device);
     s_.manager->devicesChanged();
     const auto& t = done.times;

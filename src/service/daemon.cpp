@@ -54,6 +54,7 @@ Daemon::Daemon(DaemonConfig config)
       services_(*connection_, table_, registry_, workers_, records_, *this), callers_(*connection_, *busProxy_),
       attach_(services_, callers_), detach_(services_, callers_), repair_(services_), recovery_(services_),
       find_(services_, callers_), resize_(services_, callers_), open_(services_, callers_),
+      autoclear_(services_, loop_),
       udevPresence_(udevWatch_, loop_,
                     {.changed = [this](bool running) { udevChanged(running); },
                      .written = [this](unsigned number, auto now) { repair_.databaseWritten(number, now); },
@@ -70,6 +71,8 @@ Daemon::Daemon(DaemonConfig config)
     };
     services_.afterConfigure = [this](const core::Watch& watch) { repair_.afterConfigure(watch); };
     services_.udevRunning = udevPresence_.running();
+    services_.watchOpens = [this](const Device& device) { autoclear_.track(device); };
+    autoclear_.udevPid = [this] { return udevWatch_.pid(); };
     repair_.onQuirk = [this] {
         if (manager_)
             manager_->kernelQuirksChanged();
@@ -92,11 +95,15 @@ Daemon::Daemon(DaemonConfig config)
     loop_.watch(workers_.fd(), [this] { workers_.runContinuations(); });
     loop_.watch(signalFd_.get(), [this] { onSignal(); });
     loop_.watch(repair_.nodeWatchFd(), [this] { repair_.onNodeClosed(); });
+    if (autoclear_.fd() >= 0)
+        loop_.watch(autoclear_.fd(), [this] { autoclear_.onOpens(); });
     loop_.setPrepare([this] { return prepare(); });
 
     for (const auto diskseq : recovery_.run())
         detach_.unlessOwnerAlive(diskseq);
     recovery_.awaitReadded([this](int ms) { pumpEvents(ms); }, [this](unsigned number) { repair_.resync(number); });
+    for (const auto diskseq : table_.diskseqs()) // adopted autoclear devices loopd still holds
+        autoclear_.track(*table_.find(diskseq));
     if (config_.drops.any() || config_.kernelDrops.any())
         log::warn("test fault injection is on: udev events are dropped on purpose");
 
@@ -109,6 +116,7 @@ Daemon::Daemon(DaemonConfig config)
 Daemon::~Daemon()
 {
     // Objects go before the connection.
+    autoclear_.udevPid = nullptr;
     table_.onRemoved = nullptr;
     for (const auto diskseq : table_.diskseqs())
         table_.find(diskseq)->object.reset();
@@ -229,8 +237,10 @@ void Daemon::onNameOwnerChanged(const std::string& name, const std::string& newO
 // Whatever took the device out of the table, everyone who cares hears of it here.
 void Daemon::onRemoved(Device& device, RemovalReason reason)
 {
-    if (!table_.owner(device.info.number))
+    if (!table_.owner(device.info.number)) {
         repair_.unwatch(device.info.number);
+        autoclear_.forget(device.info.number);
+    }
     if (device.options.hidden)
         udevTags_.remove(device.info.diskseq);
     const auto* name = reasonName(reason);

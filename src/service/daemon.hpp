@@ -1,6 +1,7 @@
 #pragma once
 
 #include "attach_flow.hpp"
+#include "autoclear_watch.hpp"
 #include "bus_objects.hpp"
 #include "callers.hpp"
 #include "detach_flow.hpp"
@@ -93,6 +94,7 @@ private:
     FindFlow find_;
     ResizeFlow resize_;
     OpenFlow open_;
+    AutoclearWatch autoclear_;
     UdevPresence udevPresence_;
     std::unique_ptr<ManagerObject> manager_;
 

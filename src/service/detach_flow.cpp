@@ -145,6 +145,8 @@ void DetachFlow::kernelDone(core::RequestId id, std::exception_ptr error, Detach
     if (error) { // nothing was changed: loopd still owns the device, as it was
         device.state = DeviceState::Ready;
         writeRecord(s_.records, device.record(core::Record::State::Owned));
+        if (s_.watchOpens)
+            s_.watchOpens(device);
         reply(id, error);
         return detachIfOrphaned(device);
     }
@@ -204,6 +206,8 @@ void DetachFlow::readyAgain(core::RequestId id)
     auto& device = *s_.table.find(pending_.at(id).diskseq);
     device.state = DeviceState::Ready;
     writeRecord(s_.records, device.record(core::Record::State::Owned));
+    if (s_.watchOpens) // its partitions were removed and added again: new nodes
+        s_.watchOpens(device);
     reply(id, std::make_exception_ptr(Error(Errc::Busy, device.describe() + " is open elsewhere; it stays attached "
                                                                             "as it was")));
     detachIfOrphaned(device);

@@ -24,10 +24,10 @@ EventLoop::EventLoop() : epoll_(::epoll_create1(EPOLL_CLOEXEC))
         fail("epoll_create1");
 }
 
-void EventLoop::watch(int fd, std::function<void()> onReadable)
+void EventLoop::watch(int fd, std::function<void()> onReadable, uint32_t events)
 {
     epoll_event ev{};
-    ev.events = EPOLLIN;
+    ev.events = events;
     ev.data.fd = fd;
     if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) < 0)
         fail("epoll_ctl");

@@ -2,6 +2,8 @@
 
 #include <loopd/unique_fd.hpp>
 
+#include <sys/epoll.h>
+
 #include <chrono>
 #include <functional>
 #include <map>
@@ -24,7 +26,9 @@ public:
 
     EventLoop();
 
-    void watch(int fd, std::function<void()> onReadable);
+    // `events`: EPOLLIN, or EPOLLPRI for files that are always readable and signal
+    // a change that way (/proc/self/mountinfo).
+    void watch(int fd, std::function<void()> onReadable, uint32_t events = EPOLLIN);
     // Before the fd is closed (a closed fd leaves epoll by itself, its handler not).
     void unwatch(int fd);
     // Called at the top of every iteration: does pending work, says what to wait for.

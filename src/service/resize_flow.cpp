@@ -157,6 +157,8 @@ void ResizeFlow::finish(core::RequestId id, std::exception_ptr error)
             device->object->propertiesChanged(changed);
         log::info("resized dev={} size={} partitions={} sender={}", device->describe(), device->info.size,
                   device->info.partitions.size(), pending.sender);
+        if (s_.watchOpens) // partitions added have nodes of their own
+            s_.watchOpens(*device);
     }
     if (!error && !device)
         error = std::make_exception_ptr(Error(Errc::DeviceChanged, "diskseq " + std::to_string(pending.diskseq) +

@@ -60,6 +60,9 @@ struct Services {
     std::function<void()> drainEvents;
     // An attach's kernel work is done and its request registered (EventRepair).
     std::function<void(const core::Watch&)> afterConfigure;
+    // A device is ready (again) as the flows see it: AutoclearWatch watches who
+    // opens an autoclear device loopd still holds.
+    std::function<void(const Device&)> watchOpens;
     bool udevRunning = false; // a udevd listens (UdevWatch): readiness=auto means udev
     bool stopping = false;
     Limits limits;

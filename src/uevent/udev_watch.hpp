@@ -30,6 +30,8 @@ public:
     // The pidfd of the udevd found running, -1 if none: readable when it exits.
     [[nodiscard]] int pidFd() const { return pidFd_.get(); }
     [[nodiscard]] bool running() const { return pidFd_.get() >= 0; }
+    // The pid of the udevd found running, 0 if none.
+    [[nodiscard]] int pid() const { return running() ? pid_ : 0; }
 
     struct Changes {
         bool control = false;                            // the control socket came or went

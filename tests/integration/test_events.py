@@ -72,18 +72,20 @@ def idle_wakeups(env):
 
 
 def test_idle_loopd_never_wakes(env):
-    """Zero wake-ups in 10 idle seconds, with no device and with devices held: no
-    timer, no probe of udevd; what must be noticed comes as events."""
+    """Zero wake-ups in 10 idle seconds, with no device and with devices held (one
+    of them autoclear, whose opens loopd watches): no timer, no probe of udevd;
+    what must be noticed comes as events."""
     # A call first, so the loop has done a turn of real work before it goes idle.
     assert busctl_get_property(MANAGER_PATH, MANAGER_IFACE, "Devices") == 0
     n = idle_wakeups(env)
     assert n == 0, f"loopd woke {n} times in {IDLE_SECONDS} idle seconds without devices"
     with detaching() as held:
-        for kind in ("gpt3", "none"):
+        for kind, autoclear in (("gpt3", False), ("none", False), ("gpt3", True)):
             image = env.image(kind)
-            verify_reply(held.add(pydbus_attach(image.path)), image)
+            options = pydbus_options(autoclear=dbus.Boolean(autoclear))
+            verify_reply(held.add(pydbus_attach(image.path, options)), image)
         n = idle_wakeups(env)
-        assert n == 0, f"loopd woke {n} times in {IDLE_SECONDS} idle seconds with 2 devices held"
+        assert n == 0, f"loopd woke {n} times in {IDLE_SECONDS} idle seconds with 3 devices held (1 autoclear)"
         for diskseq, devnode in held._held:
             busctl_detach(diskseq)
             verify_detached(devnode, diskseq)

@@ -6,6 +6,10 @@ reply time what a user would check, through busctl, python3-dbus or loopctl.
              match; a file replaced under the same name does not.
   deferred   Detach(deferred) of a mounted whole-disk image replies at once, the
              device stays until umount, then DeviceRemoved(reason autoclear).
+  autoclear  attached with autoclear, the device stays while loopd is the only
+             one to have used it (udev's and loopd's own opens do not count);
+             mounted by someone else, it is released at umount and reported as
+             DeviceRemoved(reason autoclear), whole disk or partition.
   Resize     an image grown by 16 MiB with a 4th partition appended: at reply time
              the 4th partition exists, udev has it, and its size is right; a
              shrink under a mounted partition is Busy and changes nothing.
@@ -266,6 +270,171 @@ def test_deferred_detach_of_mounted_partition(env):
             watcher.close()
             if mounted:
                 run("umount", mnt, check=False)
+
+
+# --------------------------------------------------------------------------- autoclear
+
+AUTOCLEAR_QUIET = 1.0  # no DeviceRemoved within this long: loopd kept the device
+
+
+def attach_autoclear(path, ref):
+    return pydbus_attach(path, pydbus_options(autoclear=dbus.Boolean(True), ref=dbus.String(ref)))
+
+
+def ref_link(env, ref):
+    return os.path.join(env.tmp, "run", "by-ref", ref)
+
+
+def losetup_lists(image):
+    return run("losetup", "-j", image).stdout.strip()
+
+
+def check_kept(env, watcher, reply, ref, why):
+    """The autoclear device is still attached, listed and linked, and no
+    DeviceRemoved came for it."""
+    diskseq, devnode = reply["diskseq"], reply["devnode"]
+    assert bound(devnode, diskseq), f"{devnode} was released {why}"
+    assert reply["device"] in listed_objects(), f"{reply['device']} is no longer listed {why}"
+    assert os.path.islink(ref_link(env, ref)), f"by-ref/{ref} is gone {why}"
+    assert not [r for d, r in watcher.removed if d == diskseq], f"DeviceRemoved {why}: {watcher.removed}"
+
+
+def check_released(env, watcher, reply, ref, image, what):
+    """After `what` (the last close): the kernel released the device, loopd said so
+    with DeviceRemoved(reason autoclear) and lists or links nothing of it."""
+    diskseq, devnode = reply["diskseq"], reply["devnode"]
+    reasons = watcher.wait_removed(diskseq, time.monotonic() + SIGNAL_DEADLINE)
+    assert reasons == ["autoclear"], f"DeviceRemoved for {diskseq} after {what}: {reasons}"
+    assert not bound(devnode, diskseq), f"{devnode} still bound at diskseq {diskseq} after {what}"
+    assert losetup_lists(image) == "", f"losetup -j still lists {image}: {losetup_lists(image)}"
+    assert reply["device"] not in listed_objects(), f"{reply['device']} still listed after {what}"
+    assert not os.path.lexists(ref_link(env, ref)), f"by-ref/{ref} left after {what}"
+    expect_error("NotFound", detach_call, diskseq)
+
+
+def released_at_umount_of_disk(env, ref, *mount_options):
+    image = env.image("none")
+    run("mkfs.ext4", "-q", "-F", image.path)
+    watcher = SignalWatcher()
+    reply = attach_autoclear(image.path, ref)
+    mnt = env.path("mnt")
+    os.makedirs(mnt)
+    mounted = False
+    try:
+        with detaching(reply):
+            verify_reply(reply, image)
+            assert busctl_get_property(reply["device"], DEVICE_IFACE, "Autoclear") is True
+            run("mount", *mount_options, reply["devnode"], mnt)
+            mounted = True
+            check_kept(env, watcher, reply, ref, "by mount")
+            run("umount", mnt)
+            mounted = False
+            check_released(env, watcher, reply, ref, image.path, "umount")
+    finally:
+        watcher.close()
+        if mounted:
+            run("umount", mnt, check=False)
+
+
+def test_autoclear_released_at_umount_of_disk(env):
+    """autoclear, a filesystem image without a table: `mount /dev/loopN` keeps the
+    device (attached, listed, linked); `umount` is the last close: the kernel
+    releases it and loopd reports DeviceRemoved(reason autoclear). Failed before
+    (loopd held its fd until Detach): no DeviceRemoved after the umount, the device
+    still bound."""
+    released_at_umount_of_disk(env, "ac-disk")
+
+
+def test_autoclear_mount_without_probe_released_at_umount(env):
+    """The same with `mount -t ext4`, which opens no node (no probe; mount(2)
+    opens the block device by number): seen in the mount table. Failed before as
+    the test above."""
+    released_at_umount_of_disk(env, "ac-typed", "-t", "ext4")
+
+
+def test_autoclear_released_at_umount_of_partition(env):
+    """autoclear, a GPT image: `mount /dev/loopNp1` keeps the device with all its
+    partitions; `umount` releases it (DeviceRemoved reason autoclear) and the
+    partitions go with it. Failed before: nothing after the umount."""
+    image = env.image("gpt3")
+    # The filesystem is made on an attachment of its own: mkfs on an autoclear
+    # device would be its first user, and its exit would release it.
+    plain = pydbus_attach(image.path, pydbus_options())
+    with detaching(plain):
+        run("mkfs.ext4", "-q", "-F", plain["partitions"][0])
+        detach_call(plain["diskseq"])
+    watcher = SignalWatcher()
+    reply = attach_autoclear(image.path, "ac-part")
+    name = loop_name(reply["devnode"])
+    mnt = env.path("mnt")
+    os.makedirs(mnt)
+    mounted = False
+    try:
+        with detaching(reply):
+            verify_reply(reply, image)
+            run("mount", reply["partitions"][0], mnt)
+            mounted = True
+            check_kept(env, watcher, reply, "ac-part", "by mounting partition 1")
+            assert partition_numbers_in_sysfs(name) == [1, 2, 3], \
+                f"{reply['devnode']}'s partitions while mounted: {partition_numbers_in_sysfs(name)}"
+            run("umount", mnt)
+            mounted = False
+            check_released(env, watcher, reply, "ac-part", image.path, "umount")
+            verify_detached(reply["devnode"], reply["diskseq"])
+    finally:
+        watcher.close()
+        if mounted:
+            run("umount", mnt, check=False)
+
+
+def test_autoclear_not_released_by_udev_or_loopd(env):
+    """udev processing the device (`udevadm trigger --action=change` and settle)
+    and loopd's own look at it (`loopctl status`) are not someone else's use: the
+    autoclear device stays. Then `blkid /dev/loopN` by the user is: released at
+    its exit and reported. Failed before at the last step (blkid released
+    nothing)."""
+    image = env.image("none")
+    run("mkfs.ext4", "-q", "-F", image.path)
+    watcher = SignalWatcher()
+    reply = attach_autoclear(image.path, "ac-udev")
+    devnode = reply["devnode"]
+    try:
+        with detaching(reply):
+            verify_reply(reply, image)
+            run("udevadm", "trigger", "--action=change", devnode)
+            run("udevadm", "settle")
+            run(LOOPCTL, "status", devnode)
+            assert not watcher.wait_removed(reply["diskseq"], time.monotonic() + AUTOCLEAR_QUIET), \
+                "released after udev processed it or loopctl status looked at it"
+            check_kept(env, watcher, reply, "ac-udev", "by udev or loopctl status")
+            # udev's worker did open it (blkid): it found the filesystem.
+            assert _udev_info(devnode)[1].get("ID_FS_TYPE") == "ext4", _udev_info(devnode)
+            run("blkid", devnode)
+            check_released(env, watcher, reply, "ac-udev", image.path, "blkid")
+    finally:
+        watcher.close()
+
+
+def test_autoclear_unopened_stays_until_detach(env):
+    """An autoclear device nobody else opens stays attached and listed (loopd
+    holds it, idle), and Detach releases it as usual (DeviceRemoved reason
+    detached). A guard: this held before too."""
+    image = env.image("gpt3")
+    watcher = SignalWatcher()
+    reply = attach_autoclear(image.path, "ac-idle")
+    try:
+        with detaching(reply):
+            verify_reply(reply, image)
+            assert not watcher.wait_removed(reply["diskseq"], time.monotonic() + AUTOCLEAR_QUIET), \
+                "released though nobody opened it"
+            check_kept(env, watcher, reply, "ac-idle", "while nobody used it")
+            detach_call(reply["diskseq"])
+            verify_detached(reply["devnode"], reply["diskseq"])
+            reasons = watcher.wait_removed(reply["diskseq"], time.monotonic() + SIGNAL_DEADLINE)
+            assert reasons == ["detached"], f"DeviceRemoved for {reply['diskseq']}: {reasons}"
+            assert not os.path.lexists(ref_link(env, "ac-idle")), "by-ref/ac-idle left after Detach"
+    finally:
+        watcher.close()
 
 
 # --------------------------------------------------------------------------- Resize

@@ -108,6 +108,10 @@ def check_sandbox(pid):
     assert "rw" in options.get("/sys/devices/virtual/block", []), \
         "/sys/devices/virtual/block is not writable for loopd (lost-event triggers)"
     assert os.path.exists(f"/proc/{pid}/root/run/udev/control"), "loopd cannot see udevd"
+    # The autoclear open watch (fanotify_init and fanotify_mark, taken back from
+    # @privileged): loopd holds its fanotify fd.
+    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert "anon_inode:[fanotify]" in fds, "loopd has no fanotify fd: autoclear opens are not watched"
 
 
 def exposure(m, unit):
