@@ -200,6 +200,22 @@ def targets_table(count, first, last, attach_none, restarts, rss):
         ratio = f"{value / base:.2f}" if base else "-"
         base_text = f"{base:.1f}" if base is not None else "-"
         print(f"| {name} | {target} | {base_text} | {value:.1f} | {ratio} | {'yes' if met else 'no'} |", flush=True)
+    return rows
+
+
+def summary_table(count, runs):
+    """Each figure over every run: value (ratio to that run's baseline), and in
+    how many runs its target was met."""
+    print(f"\n{len(runs)} runs at {count} held:\n")
+    print("| figure | target | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | met |")
+    print("|---|---|" + "---:|" * len(runs) + "---|")
+    for i, (name, target, *_rest) in enumerate(runs[0]):
+        cells = []
+        for rows in runs:
+            _, _, base, value, _ = rows[i]
+            cells.append(f"{value:.1f}" + (f" ({value / base:.2f} ×)" if base else ""))
+        met = sum(1 for rows in runs if rows[i][4])
+        print(f"| {name} | {target} | " + " | ".join(cells) + f" | {met} of {len(runs)} |", flush=True)
 
 
 LOOP_CTL_REMOVE = 0x4C81
@@ -231,15 +247,23 @@ def main():
     parser.add_argument("count", type=int, nargs="?", default=2000)
     parser.add_argument("--hook", help="shell command run at each mark ($LOOPD_PID, $HELD set)")
     parser.add_argument("--perf-restart", metavar="FILE", help="perf record -a -g the restart with all held")
+    parser.add_argument("--runs", type=int, default=1, help="runs, each in a fresh environment; a summary "
+                        "table over all of them at the end")
     args = parser.parse_args()
     count = args.count
-    before = loop_numbers()
-    try:
-        run(args, count)
-    finally:
-        made = loop_numbers() - before
-        print(f"loop devices made by this run: {len(made)}, left after removing them: "
-              f"{remove_loop_devices(made)}", flush=True)
+    runs = []
+    for i in range(args.runs):
+        if args.runs > 1:
+            print(f"\n### run {i + 1} of {args.runs}\n", flush=True)
+        before = loop_numbers()
+        try:
+            runs.append(run(args, count))
+        finally:
+            made = loop_numbers() - before
+            print(f"loop devices made by this run: {len(made)}, left after removing them: "
+                  f"{remove_loop_devices(made)}", flush=True)
+    if len(runs) > 1:
+        summary_table(count, runs)
 
 
 def run(args, count):
@@ -280,7 +304,7 @@ def run(args, count):
         attach_none = statistics.median(samples[0] + after)
         print(f"attach median with none held: before {figures[0]['attach']:.1f} ms, after "
               f"{statistics.median(after):.1f} ms, pooled {attach_none:.1f} ms", flush=True)
-        targets_table(count, figures[0], figures[count], attach_none, restarts, rss)
+        return targets_table(count, figures[0], figures[count], attach_none, restarts, rss)
 
 
 if __name__ == "__main__":
