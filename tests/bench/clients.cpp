@@ -233,15 +233,17 @@ public:
         Attachment a;
         a.handle = object;
         a.devnode = "/dev/" + object.substr(object.rfind('/') + 1); // .../block_devices/loop3
-        a.diskseq = sysfsDiskseq(a.devnode); // the reply names no attachment: read it now
+        a.diskseq = sysfsDiskseq(a.devnode);                        // the reply names no attachment: read it now
         return a;
     }
 
     void detach(Attachment& a) override
     {
         auto loop = sdbus::createProxy(*connection_, "org.freedesktop.UDisks2", a.handle);
-        loop->callMethod("Delete").onInterface("org.freedesktop.UDisks2.Loop").withTimeout(callTimeout).withArguments(
-            Options{});
+        loop->callMethod("Delete")
+            .onInterface("org.freedesktop.UDisks2.Loop")
+            .withTimeout(callTimeout)
+            .withArguments(Options{});
     }
 
 private:

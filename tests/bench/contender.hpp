@@ -15,11 +15,11 @@ namespace loopd::bench {
 
 struct Attachment {
     std::string devnode;
-    uint64_t diskseq = 0;                // as the contender reported it, or read from sysfs at reply time
-    bool repliedPartitions = false;      // whether the reply lists partitions at all
-    std::vector<std::string> partitions; // as the reply listed them
-    std::string handle;                  // contender's own name for it (udisks2 object path)
-    UniqueFd holdFd;                     // floor: the read-only LOCK_SH fd kept while attached
+    uint64_t diskseq = 0;                   // as the contender reported it, or read from sysfs at reply time
+    bool repliedPartitions = false;         // whether the reply lists partitions at all
+    std::vector<std::string> partitions;    // as the reply listed them
+    std::string handle;                     // contender's own name for it (udisks2 object path)
+    UniqueFd holdFd;                        // floor: the read-only LOCK_SH fd kept while attached
     std::vector<unsigned> partitionNumbers; // floor: what it added with BLKPG
 };
 

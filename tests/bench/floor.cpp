@@ -141,8 +141,8 @@ Attachment Floor::attach(const std::string& image, const AttachOptions& options)
                 a.partitions.push_back(kernel::partitionDevNode(configured.number, spec.number));
             }
         a.repliedPartitions = true;
-        const auto kind = await(core::Goal::Ready,
-                                core::Watch{a.diskseq, configured.number, a.partitionNumbers, EventSource::Udev});
+        const auto kind =
+            await(core::Goal::Ready, core::Watch{a.diskseq, configured.number, a.partitionNumbers, EventSource::Udev});
         if (kind != core::Outcome::Kind::Ready)
             throw std::runtime_error("floor: " + a.devnode + " " + kindName(kind));
     } catch (...) {
@@ -184,7 +184,8 @@ void Floor::detach(Attachment& a)
         removePartitionPatiently(a.holdFd.get(), *it);
     kernel::clear(a.holdFd.get());
     a.holdFd.reset(); // the last opener: the kernel (6.11+) releases the device now
-    const auto kind = await(core::Goal::Released, core::Watch{a.diskseq, number, a.partitionNumbers, EventSource::Udev});
+    const auto kind =
+        await(core::Goal::Released, core::Watch{a.diskseq, number, a.partitionNumbers, EventSource::Udev});
     if (kind != core::Outcome::Kind::Released)
         throw std::runtime_error("floor: release of " + a.devnode + " " + kindName(kind));
 }

@@ -48,7 +48,7 @@ private:
     UniqueFd stopFd_;
     std::mutex mutex_;
     std::condition_variable settled_;
-    core::Registry registry_;                              // under mutex_
+    core::Registry registry_;                             // under mutex_
     std::map<core::RequestId, core::Outcome::Kind> done_; // under mutex_
     std::atomic<core::RequestId> nextId_{1};
     std::atomic<unsigned> overflows_{0};

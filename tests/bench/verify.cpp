@@ -224,8 +224,7 @@ std::string checkReady(const std::string& devnode, uint64_t diskseq, const Image
         return "/dev/" + link + " does not point to " + devnode;
 
     for (unsigned k = 1; !diskOnly && k <= image.partitions; ++k)
-        if (auto problem = checkPartition(devnode, sysDir, k, diskseq, diskMajmin, image, sinceNs);
-            !problem.empty())
+        if (auto problem = checkPartition(devnode, sysDir, k, diskseq, diskMajmin, image, sinceNs); !problem.empty())
             return problem;
     return "";
 }

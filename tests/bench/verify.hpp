@@ -10,7 +10,7 @@
 namespace loopd::bench {
 
 struct ImageSpec {
-    std::string path;      // realpath of the backing file
+    std::string path; // realpath of the backing file
     unsigned partitions = 0;
     std::string tableUuid; // ID_PART_TABLE_UUID as udev spells it; empty: not checked
 };

@@ -2,8 +2,8 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <string_view>
 
 // Shared by the fuzz targets: reading the input front to back (so seeds are easy to
@@ -42,7 +42,7 @@ private:
 #define FUZZ_CHECK(cond, ...)                                                                                          \
     do {                                                                                                               \
         if (!(cond)) {                                                                                                 \
-            std::fprintf(stderr, "invariant violated: %s (%s:%d): ", #cond, __FILE__, __LINE__);                      \
+            std::fprintf(stderr, "invariant violated: %s (%s:%d): ", #cond, __FILE__, __LINE__);                       \
             std::fprintf(stderr, __VA_ARGS__);                                                                         \
             std::fputc('\n', stderr);                                                                                  \
             std::abort();                                                                                              \
