@@ -10,7 +10,6 @@ Held images are distinct files without a partition table (the fd and memory cost
 is per device; partitions only add udev work).
 """
 import argparse
-import fcntl
 import os
 import signal
 import statistics
@@ -22,8 +21,8 @@ import time
 import dbus
 import dbus.lowlevel
 
-from harness import (LOOPCTL, Env, detach_quietly, pydbus_attach, pydbus_call, pydbus_options,
-                     verify_reply)
+from harness import (LOOPCTL, Env, detach_quietly, loop_numbers, pydbus_attach, pydbus_call, pydbus_options,
+                     remove_loop_devices, verify_reply)
 
 THREADS = 8
 
@@ -216,30 +215,6 @@ def summary_table(count, runs):
             cells.append(f"{value:.1f}" + (f" ({value / base:.2f} ×)" if base else ""))
         met = sum(1 for rows in runs if rows[i][4])
         print(f"| {name} | {target} | " + " | ".join(cells) + f" | {met} of {len(runs)} |", flush=True)
-
-
-LOOP_CTL_REMOVE = 0x4C81
-
-
-def loop_numbers():
-    return {int(name[4:]) for name in os.listdir("/sys/block") if name.startswith("loop") and name[4:].isdigit()}
-
-
-def remove_loop_devices(numbers):
-    """Removes the loop devices this run made the kernel create (loop-control adds
-    one per attach beyond max_loop): thousands of idle loopN left behind slow
-    udev and every later test. The kernel refuses (EBUSY) any that is bound,
-    so only unbound ones go. Returns how many remain of those."""
-    fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        for number in sorted(numbers):
-            try:
-                fcntl.ioctl(fd, LOOP_CTL_REMOVE, number)
-            except OSError:
-                pass  # bound (someone's) or gone
-    finally:
-        os.close(fd)
-    return len(numbers & loop_numbers())
 
 
 def main():

@@ -3,9 +3,11 @@ verify_reply), release (verify_detached), the sysfs and udev readers they use, t
 leak finders, and the clean-up of attachments a test leaves behind (detaching,
 detach_quietly, force_detach). Part of harness.py (see there)."""
 
+import fcntl
 import os
 import re
 import stat
+import time
 
 from harness_base import read_text, run
 from harness_clients import busctl_detach
@@ -14,7 +16,7 @@ __all__ = [
     "read_uevent", "loop_name", "partition_numbers_in_sysfs", "partition_nodes_in_dev",
     "expected_partitions", "verify_ready", "verify_reply", "verify_detached",
     "loop_devices_backed_under", "detach_quietly", "still_attached", "detaching",
-    "unbound_loop_devices_with_partitions", "force_detach",
+    "unbound_loop_devices_with_partitions", "force_detach", "loop_numbers", "remove_loop_devices",
 ]
 
 # --------------------------------------------------------------------------- sysfs
@@ -274,3 +276,37 @@ def force_detach(devnode):
     does not drop BLKPG partitions for us), then the binding."""
     run("partx", "-d", devnode, check=False)
     run("losetup", "-d", devnode, check=False)
+
+
+LOOP_CTL_REMOVE = 0x4C81
+
+
+def loop_numbers():
+    """The loop devices that exist now (/sys/block/loopN), by number."""
+    return {int(name[4:]) for name in os.listdir("/sys/block") if name.startswith("loop") and name[4:].isdigit()}
+
+
+def remove_loop_devices(numbers):
+    """Removes loop devices a test made the kernel create (LOOP_CTL_GET_FREE adds
+    one whenever none is free): thousands of idle loopN left behind slow udev and
+    every later test. The kernel refuses (EBUSY) a bound one, so only unbound ones
+    go. Returns how many of `numbers` remain."""
+    fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    left = set(numbers) & loop_numbers()
+    # A device udev still has open (its events after a release) is EBUSY for a
+    # moment: asked again a few times, then counted.
+    deadline = time.monotonic() + 5
+    try:
+        while left:
+            for number in sorted(left):
+                try:
+                    fcntl.ioctl(fd, LOOP_CTL_REMOVE, number)
+                except OSError:
+                    pass  # bound (someone's), open, or gone
+            left &= loop_numbers()
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
+    return len(left)

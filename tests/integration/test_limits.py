@@ -8,7 +8,8 @@ Failed before (adbd7c0): EMFILE ("Too many open files") at 1008 devices.
 import resource
 import threading
 
-from harness import detach_quietly, main, pydbus_attach, pydbus_options, verify_reply
+from harness import (detach_quietly, loop_numbers, main, pydbus_attach, pydbus_options, remove_loop_devices,
+                     verify_reply)
 
 SOFT = 1024
 HELD = 1100
@@ -18,6 +19,7 @@ THREADS = 8
 def test_more_devices_than_a_1024_soft_fd_limit(env):
     images = [env.image("none") for _ in range(HELD)]
     held, errors, lock = [], [], threading.Lock()
+    before = loop_numbers()
 
     def attach_some(i):
         for image in images[i::THREADS]:
@@ -50,6 +52,10 @@ def test_more_devices_than_a_1024_soft_fd_limit(env):
             w.start()
         for w in workers:
             w.join()
+        # The ~1090 loop devices the kernel made for them go too: left idle, they
+        # slow udev and every later test.
+        left = remove_loop_devices(loop_numbers() - before)
+        assert not left, f"{left} loop devices this test made could not be removed"
 
 
 if __name__ == "__main__":
