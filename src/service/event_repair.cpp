@@ -179,7 +179,7 @@ void EventRepair::nudge(const core::Nudge& due)
 {
     const auto number = due.watch.number;
     const auto node = kernel::loopDevNode(number);
-    log::Scope about{{.diskseq = due.watch.diskseq, .device = node}};
+    log::Scope scope{about(due.watch.diskseq, number)};
     if (due.goal == core::Goal::Released) {
         // Remove events cannot be asked for again; sysfs and udev know the outcome.
         log::info("remove events missing dev={} diskseq={}: re-enumerating", node, due.watch.diskseq);
@@ -214,7 +214,7 @@ void EventRepair::trigger(unsigned number, uint64_t diskseq, bool disk, const st
 {
     if (!disk && partitions.empty())
         return;
-    log::Scope about{{.diskseq = diskseq, .device = kernel::loopDevNode(number)}};
+    log::Scope scope{about(diskseq, number)};
     const auto uuid = makeUuid();
     std::string missing = disk ? "disk" : "";
     for (const auto p : partitions)
@@ -277,11 +277,18 @@ void EventRepair::checkDatabase(core::Clock::time_point now)
             continue;
         const auto waited = std::find_if(watches.begin(), watches.end(),
                                          [](const core::Watch& w) { return w.source == EventSource::Udev; });
-        log::Scope about{{.diskseq = waited->diskseq, .device = kernel::loopDevNode(number)}};
+        log::Scope scope{about(waited->diskseq, number)};
         log::info("udev database written without its event dev={} diskseq={}: re-enumerating udev's database",
                   kernel::loopDevNode(number), waited->diskseq);
         resync(number, false);
     }
+}
+
+log::Context EventRepair::about(uint64_t diskseq, unsigned number) const
+{
+    if (const auto* device = s_.table.find(diskseq))
+        return device->about();
+    return {.diskseq = diskseq, .device = kernel::loopDevNode(number)};
 }
 
 void EventRepair::udevReturned()

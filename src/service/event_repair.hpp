@@ -1,5 +1,7 @@
 #pragma once
 
+#include <loopd/log.hpp>
+
 #include "services.hpp"
 
 #include "kernel/node_watch.hpp"
@@ -54,6 +56,9 @@ public:
     std::function<void()> onQuirk; // a quirk was learned (PropertiesChanged)
 
 private:
+    // The journal's fields of a repair's messages: the attachment's own (its ref,
+    // owner, request) when the table has it, else its diskseq and node.
+    [[nodiscard]] log::Context about(uint64_t diskseq, unsigned number) const;
     void trigger(unsigned number, uint64_t diskseq, bool disk, const std::vector<unsigned>& partitions,
                  const char* why);
     void learn(const std::string& quirk, const std::string& evidence);
