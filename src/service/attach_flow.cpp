@@ -41,12 +41,6 @@ EventSource eventSourceFor(ReadinessMode mode, bool udev)
 
 } // namespace
 
-void replyReady(AttachResult& result, const Device& device)
-{
-    result.returnResults(sdbus::ObjectPath(devicePath(device.info.diskseq)), kernel::loopDevNode(device.info.number),
-                         device.info.diskseq, partitionNodes(device.info));
-}
-
 AttachFlow::AttachFlow(Services& services, Callers& callers) : s_(services), callers_(callers) {}
 
 void AttachFlow::start(AttachResult&& result, const CallOrigin& from, std::string what, Source source,

@@ -3,8 +3,16 @@
 #include "attach_flow.hpp"
 
 #include "errors.hpp"
+#include "kernel/loop_device.hpp"
 
 namespace loopd::service {
+
+// The reply of Attach, AttachFd and WaitReady: the device is ready.
+void replyReady(AttachResult& result, const Device& device)
+{
+    result.returnResults(sdbus::ObjectPath(devicePath(device.info.diskseq)), kernel::loopDevNode(device.info.number),
+                         device.info.diskseq, partitionNodes(device.info));
+}
 
 void AttachFlow::waitReady(AttachResult&& result, const std::string& name, uint64_t timeoutUsec)
 {
