@@ -39,6 +39,13 @@ EventSource eventSourceFor(ReadinessMode mode, bool udev)
     return mode == ReadinessMode::Kernel || !udev ? EventSource::Kernel : EventSource::Udev;
 }
 
+// `losetup -d` of a device loopd holds open only sets autoclear and sends no
+// event; an autoclear loopd was not asked for is someone else's detach.
+bool releasedMeanwhile(unsigned number, const AttachOptions& options)
+{
+    return !options.autoclear && kernel::sysfsAutoclear(number).value_or(true);
+}
+
 } // namespace
 
 AttachFlow::AttachFlow(Services& services, Callers& callers) : s_(services), callers_(callers) {}
@@ -292,6 +299,10 @@ void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>&
               info.readOnly ? " read-only" : "", info.directIo ? " direct-io" : "", partitionList(info));
     if (s_.stopping)
         return abandon(id, Errc::Failed, "loopd is stopping", true);
+    // A `losetup -d` between LOOP_CONFIGURE and now closed the node before the
+    // table's inotify watch on it existed: its only trace is autoclear.
+    if (releasedMeanwhile(info.number, job.options))
+        return abandon(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
     // Every event the kernel sent for this attach is in the sockets by now.
     s_.drainEvents();
     auto& stored = *s_.table.find(info.diskseq);
@@ -336,8 +347,7 @@ void AttachFlow::ready(core::RequestId id)
     log::Scope about{job.about};
     // A `losetup -d` meanwhile only set autoclear (loopd holds the device open)
     // and sent no event: look before saying ready.
-    if (auto* device = s_.table.find(job.diskseq);
-        !device->options.autoclear && kernel::sysfsAutoclear(device->info.number).value_or(true))
+    if (const auto* device = s_.table.find(job.diskseq); releasedMeanwhile(device->info.number, device->options))
         return abandon(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
     if (awaitUdevTags(id))
         return;

@@ -377,7 +377,7 @@ def test_losetup_detach_during_attach(env):
             while not env.attached_here():
                 assert proc.poll() is None, f"the attach ended early: {proc.communicate()}"
                 assert time.monotonic() < deadline, "the attach never configured a device"
-                time.sleep(0.01)
+                time.sleep(0.001)  # often inside the window before loopd watches the node
             devnode = env.attached_here()[0][0]
             run("losetup", "-d", devnode)
             try:
