@@ -395,6 +395,17 @@ def test_persistent_attach_of_a_caller_that_left_is_not_made(env):
 
 # --------------------------------------------------------------------------- a real agent
 
+def wait_for_text(path, text, limit):
+    """Whether the file at `path` contains `text` within `limit` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open(path, errors="replace") as f:
+            if text in f.read():
+                return True
+        time.sleep(0.05)
+    return False
+
+
 class Agent:
     """pkttyagent --process PID: an authentication agent for that process only, on a
     pty of its own (it needs a controlling terminal). Returns once polkitd has it
@@ -532,6 +543,13 @@ def test_check_of_a_caller_that_left_is_cancelled(env):
             assert agent.wait_for("AUTHENTICATING FOR org.loopd1.attach", CALL_TIMEOUT), \
                 f"the agent was not asked: {agent.output()!r}"
             caller.kill()
+            # polkitd answers loopd's check at once when loopd cancels it.
+            assert wait_for_text(env.loopd_log, "was not authorized", 15), \
+                "loopd's check did not end after its caller left"
+            # pkttyagent reads the password blocking: once "Password: " is out it
+            # handles polkitd's cancel only after a line (an empty one here).
+            if agent.wait_for("Password: ", 0.5):
+                os.write(agent.master, b"\n")
             assert agent.wait_for("Cancelled", 15), \
                 f"the agent's prompt was not withdrawn after the caller left: {agent.output()!r}"
             print(f"# agent: {agent.output()!r}")
