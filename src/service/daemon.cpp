@@ -13,11 +13,9 @@
 #include <loopd/signals.hpp>
 
 #include <malloc.h>
-#include <poll.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
-#include <array>
 #include <cerrno>
 #include <csignal>
 #include <optional>
@@ -99,11 +97,14 @@ Daemon::Daemon(DaemonConfig config)
         loop_.watch(autoclear_.fd(), [this] { autoclear_.onOpens(); });
     loop_.setPrepare([this] { return prepare(); });
 
+    recovery_.onListed = [this](uint64_t diskseq) { adopted(diskseq); };
+    recovery_.onReleased = [this](uint64_t diskseq) { repair_.foreignDetach(diskseq); };
     for (const auto diskseq : recovery_.run())
         detach_.unlessOwnerAlive(diskseq);
-    recovery_.awaitReadded([this](int ms) { pumpEvents(ms); }, [this](unsigned number) { repair_.resync(number); });
     for (const auto diskseq : table_.diskseqs()) // adopted autoclear devices loopd still holds
-        autoclear_.track(*table_.find(diskseq));
+        if (const auto& device = *table_.find(diskseq); device.state == DeviceState::Ready)
+            autoclear_.track(device);
+    recovery_.awaitReadded([this](unsigned number) { repair_.resync(number); });
     if (config_.drops.any() || config_.kernelDrops.any())
         log::warn("test fault injection is on: udev events are dropped on purpose");
 
@@ -200,14 +201,13 @@ void Daemon::onUevents(uevent::Monitor& monitor)
         repair_.resyncAll();
 }
 
-// Start-up only (before the name is owned): waits for either socket.
-void Daemon::pumpEvents(int ms)
+// A device adopted at start-up whose re-added partitions became ready: listed now.
+void Daemon::adopted(uint64_t diskseq)
 {
-    std::array<pollfd, 2> fds{pollfd{udevMonitor_.fd(), POLLIN, 0}, pollfd{kernelMonitor_.fd(), POLLIN, 0}};
-    if (::poll(fds.data(), fds.size(), ms) < 0 && errno != EINTR)
-        throw std::system_error(errno, std::generic_category(), "poll");
-    onUevents(udevMonitor_);
-    onUevents(kernelMonitor_);
+    const auto& device = *table_.find(diskseq);
+    autoclear_.track(device);
+    if (device.tiedToClient())
+        detach_.unlessOwnerAlive(diskseq);
 }
 
 void Daemon::settle(const std::vector<core::Outcome>& outcomes)

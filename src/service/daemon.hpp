@@ -62,7 +62,7 @@ public:
 private:
     EventLoop::Wait prepare();
     void onUevents(uevent::Monitor& monitor);
-    void pumpEvents(int ms);
+    void adopted(uint64_t diskseq);
     void onNameOwnerChanged(const std::string& name, const std::string& newOwner);
     void onSignal();
     void onRemoved(Device& device, RemovalReason reason);

@@ -51,6 +51,8 @@ public:
     // every uevent of LOOP_CONFIGURE and BLKPG was sent before the worker
     // returned, so what the kernel view lacks now, the kernel did not send.
     void afterConfigure(const core::Watch& watch);
+    // Someone else detached (or asked to detach) a device loopd owns: let go of it.
+    void foreignDetach(uint64_t diskseq);
     // What the kernel was seen to do differently (the KernelQuirks property).
     [[nodiscard]] const std::vector<std::string>& kernelQuirks() const { return quirks_; }
     std::function<void()> onQuirk; // a quirk was learned (PropertiesChanged)
@@ -66,7 +68,6 @@ private:
                                                        const core::EventLedger::Partitions& present) const;
     void checkOwned(unsigned number);
     void checkReleased(unsigned number);
-    void foreignDetach(uint64_t diskseq);
 
     Services& s_;
     kernel::NodeWatch nodeWatch_;

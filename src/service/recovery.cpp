@@ -100,11 +100,13 @@ bool Recovery::adopt(const core::Record& record)
     device.source = s_.udevRunning ? EventSource::Udev : EventSource::Kernel;
     device.owner = record.owner;
     device.ownerUid = record.ownerUid;
-    device.state = DeviceState::Ready;
+    // Re-added partitions are not ready before udev has processed them.
+    device.state = readded ? DeviceState::Attaching : DeviceState::Ready;
     device.token = record.token;
     device.tag = record.fileName;
-    device.readyTimestamp = std::max<uint64_t>(record.readyTimestamp, 1);
+    device.readyTimestamp = readded ? 0 : std::max<uint64_t>(record.readyTimestamp, 1);
     device.startedUsec = readded ? before : 0;
+    device.request = readded ? s_.nextId() : 0; // a foreign detach meanwhile settles it
     const auto diskseq = record.info.diskseq;
     // A record of an older loopd, whose refs were looser, or links that collide
     // with a device adopted before: the device is adopted all the same, unnamed.
@@ -120,49 +122,57 @@ bool Recovery::adopt(const core::Record& record)
     }
     s_.table.add(std::move(device));
     auto& stored = *s_.table.find(diskseq);
-    exportDevice(s_, stored);
-    if (readded)
-        readded_.push_back(diskseq);
     log::Scope about{stored.about()};
+    if (readded) {
+        readded_.emplace(stored.request, Readded{diskseq, record.readyTimestamp});
+        log::info("adopted dev={} owner={} uid={}; listed once udev has its re-added partitions", stored.describe(),
+                  record.owner, record.ownerUid);
+        return true;
+    }
+    exportDevice(s_, stored);
     log::info("adopted dev={} owner={} uid={}", stored.describe(), record.owner, record.ownerUid);
     if (stored.tiedToClient())
         clients_.push_back(diskseq);
     return true;
 }
 
-void Recovery::awaitReadded(const std::function<void(int)>& pump, const std::function<void(unsigned)>& resync)
+void Recovery::awaitReadded(const std::function<void(unsigned)>& resync)
 {
-    if (readded_.empty())
-        return;
-    const auto deadline = core::Clock::now() + 5s;
-    std::set<core::RequestId> waiting;
-    for (const auto diskseq : readded_) {
-        const auto id = s_.nextId();
-        waiting.insert(id);
-        adopting_.insert(id);
-        s_.settle(s_.registry.expect(id, core::Goal::Ready, s_.table.find(diskseq)->watch(), deadline));
+    const auto now = core::Clock::now();
+    // A copy: settling lists a device at once when nothing is missing (and erases it).
+    const auto waiting = readded_;
+    for (const auto& [id, readded] : waiting) {
+        const auto& device = *s_.table.find(readded.diskseq);
+        const auto number = device.info.number;
+        s_.settle(s_.registry.expect(id, core::Goal::Ready, device.watch(), now + 5s, now + nudgeAfter));
+        resync(number); // the disk's events came before the crash: its database entry speaks for them
     }
-    auto pending = [&] {
-        return std::any_of(waiting.begin(), waiting.end(), [&](auto id) { return adopting_.count(id) != 0; });
-    };
-    while (pending()) {
-        for (const auto diskseq : readded_)
-            if (const auto* device = s_.table.find(diskseq))
-                resync(device->info.number);
-        if (!pending())
-            break;
-        pump(100);
-        s_.settle(s_.registry.onTime(core::Clock::now()));
-    }
-    readded_.clear();
 }
 
 bool Recovery::settle(const core::Outcome& outcome)
 {
-    if (!adopting_.erase(outcome.request))
+    auto node = readded_.extract(outcome.request);
+    if (node.empty())
         return false;
+    const auto [diskseq, readyTimestamp] = node.mapped();
+    auto* device = s_.table.find(diskseq);
+    if (!device || device->state != DeviceState::Attaching)
+        return true;
+    log::Scope about{device->about()};
+    if (outcome.kind == core::Outcome::Kind::Changed) {
+        if (onReleased)
+            onReleased(diskseq);
+        return true;
+    }
     if (outcome.kind != core::Outcome::Kind::Ready)
-        log::warn("re-added partitions of dev=loop{} not confirmed by udev", outcome.watch.number);
+        log::warn("re-added partitions of dev={} not confirmed by udev within 5 s; listed all the same",
+                  device->describe());
+    s_.table.markReady(diskseq, readyTimestamp);
+    exportDevice(s_, *device);
+    s_.manager->devicesChanged();
+    log::info("dev={} listed again: udev has its re-added partitions", device->describe());
+    if (onListed)
+        onListed(diskseq);
     return true;
 }
 

@@ -3,7 +3,7 @@
 #include "services.hpp"
 
 #include <functional>
-#include <set>
+#include <map>
 #include <vector>
 
 // Start-up after a restart: adopt what loopd owned, clean up what a crash left half
@@ -18,20 +18,29 @@ public:
     // Reads every record and acts on it. Returns the adopted devices whose client
     // (lifetime=client) must be checked for life.
     std::vector<uint64_t> run();
-    // Adopted devices whose partitions a crash cost were re-added; they are listed
-    // only ready, so wait (up to 5 s) until udev has processed them. `pump` reads
-    // the event sockets once, waiting at most `ms`.
-    void awaitReadded(const std::function<void(int ms)>& pump, const std::function<void(unsigned)>& resync);
-
+    // Adopted devices whose partitions a crash cost were re-added are not listed
+    // until udev has processed those partitions (a listed device is ready): this
+    // starts waiting for them, without blocking, so that the bus name and every
+    // other device are served meanwhile. `resync` reads udev's database once.
+    void awaitReadded(const std::function<void(unsigned)>& resync);
+    // Such a device became ready (or 5 s passed): it is listed; or someone else
+    // released it meanwhile (onReleased).
     bool settle(const core::Outcome& outcome);
+
+    std::function<void(uint64_t diskseq)> onListed;
+    std::function<void(uint64_t diskseq)> onReleased;
 
 private:
     bool adoptOrRelease(const core::Record& record);
     bool adopt(const core::Record& record);
 
+    struct Readded {
+        uint64_t diskseq = 0;
+        uint64_t readyTimestamp = 0; // of the record: it was ready before the crash
+    };
+
     Services& s_;
-    std::vector<uint64_t> readded_;
-    std::set<core::RequestId> adopting_;
+    std::map<core::RequestId, Readded> readded_;
     std::vector<uint64_t> clients_;
 };
 

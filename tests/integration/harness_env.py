@@ -267,11 +267,11 @@ class Env:
     def assert_loopd_alive(self):
         assert self.loopd.poll() is None, f"loopd died with status {self.loopd.returncode}"
 
-    def restart_loopd(self, kill=True, loopd_args=None):
+    def restart_loopd(self, kill=True, loopd_args=None, meanwhile=None):
         """Stops loopd (SIGKILL if kill, else SIGTERM, on which it must exit cleanly)
         and starts it again on the same bus with the same runtime dir, so that it
         finds its ownership records. loopd_args, if given, replaces the extra options
-        for this and later starts."""
+        for this and later starts; meanwhile(), if given, runs while loopd is down."""
         self.assert_loopd_alive()
         if kill:
             self.loopd.kill()
@@ -280,6 +280,8 @@ class Env:
             status, killed = _stop_child(self.loopd)
             assert not killed, "loopd did not exit within 10 s of SIGTERM"
             assert status == 0, f"loopd exited with status {status} on SIGTERM"
+        if meanwhile is not None:
+            meanwhile()
         if loopd_args is not None:
             self.loopd_args = list(loopd_args)
         self._start_loopd()
