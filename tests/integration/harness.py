@@ -32,6 +32,7 @@ X`); the code lives beside it, by concern:
                    finders, clean-up (detaching, detach_quietly, force_detach)
   harness_env      Env: temp dir, private bus, polkitd, udevd, loopd; Skip
   harness_runner   main() and Parallel
+  harness_signals  SignalWatcher: loopd's signals, recorded from before a test acts
 """
 
 import sys
@@ -44,6 +45,7 @@ import harness_env
 import harness_images
 import harness_journal
 import harness_runner
+import harness_signals
 from harness_base import *  # noqa: F401,F403
 from harness_checks import *  # noqa: F401,F403
 from harness_clients import *  # noqa: F401,F403
@@ -51,6 +53,7 @@ from harness_env import *  # noqa: F401,F403
 from harness_images import *  # noqa: F401,F403
 from harness_journal import *  # noqa: F401,F403
 from harness_runner import *  # noqa: F401,F403
+from harness_signals import *  # noqa: F401,F403
 # Private names that tests, tests/soak and tests/bench use (and the rest, for
 # scripts by hand that reached into the single-file harness).
 from harness_base import _built  # noqa: F401
@@ -62,7 +65,7 @@ from harness_images import _sfdisk_image  # noqa: F401
 from harness_runner import _on_sigterm  # noqa: F401
 
 _MODULES = (harness_base, harness_images, harness_clients, harness_checks, harness_env,
-            harness_journal, harness_runner)
+            harness_journal, harness_runner, harness_signals)
 
 __all__ = [name for m in _MODULES for name in m.__all__]
 

@@ -24,11 +24,9 @@ import time
 import xml.etree.ElementTree as ET
 
 import dbus
-import dbus.mainloop.glib
-from gi.repository import GLib
 
 from harness import (CALL_TIMEOUT, ERROR_PREFIX, DEVICE_IFACE, LOOPCTL, LOOPD, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH,
-                     CallError, busctl_attach_cmd, busctl_detach, busctl_get_property,
+                     CallError, SignalWatcher, busctl_attach_cmd, busctl_detach, busctl_get_property,
                      busctl_managed_objects, detach_quietly, expect_error, force_detach,
                      loop_name, main, pydbus_attach, pydbus_call, pydbus_options, read_text,
                      run, verify_detached, verify_reply)
@@ -79,44 +77,6 @@ def link_target(path):
 def highest_diskseq():
     return max(int(read_text(f"/sys/block/{n}/diskseq")) for n in os.listdir("/sys/block")
                if os.path.exists(f"/sys/block/{n}/diskseq"))
-
-
-class DeviceRemovedWatcher:
-    """Records the Manager's DeviceRemoved signals (args as plain values) from the
-    moment it is made; a GLib loop thread dispatches them (as in test_reliability)."""
-
-    def __init__(self):
-        dbus.mainloop.glib.threads_init()
-        self._loop = GLib.MainLoop()
-        threading.Thread(target=self._loop.run, daemon=True).start()
-        self.seen = []
-        self.cond = threading.Condition()
-        self.conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"],
-                                           mainloop=dbus.mainloop.glib.DBusGMainLoop())
-        self.conn.add_signal_receiver(self._on_signal, signal_name="DeviceRemoved",
-                                      dbus_interface=MANAGER_IFACE, path=MANAGER_PATH)
-        # A round trip behind the AddMatch: the bus has the match when this returns.
-        self.conn.call_blocking("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                "org.freedesktop.DBus", "GetId", "", [])
-
-    def _on_signal(self, *args):
-        with self.cond:
-            self.seen.append([str(args[0]), int(args[1]), str(args[2])])  # (o, t, s)
-            self.cond.notify_all()
-
-    def wait_for(self, diskseq, deadline):
-        """The DeviceRemoved signals about `diskseq` once at least one came (or the
-        deadline passed)."""
-        with self.cond:
-            while True:
-                found = [s for s in self.seen if s[1] == diskseq]
-                if found or time.monotonic() >= deadline:
-                    return found
-                self.cond.wait(deadline - time.monotonic())
-
-    def close(self):
-        self.conn.close()
-        self._loop.quit()
 
 
 class Background:
@@ -766,11 +726,11 @@ def test_detach_sends_one_device_removed_detached(env):
     watcher, detached, fence = None, False, None
     try:
         verify_reply(reply, image)
-        watcher = DeviceRemovedWatcher()  # before acting
+        watcher = SignalWatcher()  # before acting
         busctl_detach(reply["diskseq"])
         detached = True
         verify_detached(reply["devnode"], reply["diskseq"])
-        first = watcher.wait_for(reply["diskseq"], time.monotonic() + SIGNAL_DEADLINE)
+        first = watcher.removed(reply["diskseq"], time.monotonic() + SIGNAL_DEADLINE)
         assert first, f"no DeviceRemoved for diskseq {reply['diskseq']} within {SIGNAL_DEADLINE} s"
         # A fence instead of a pause: loopd's signals reach this connection in the
         # order loopd sent them, so once the fence device's DeviceRemoved is here,
@@ -778,9 +738,9 @@ def test_detach_sends_one_device_removed_detached(env):
         fence = attach(fence_image.path)
         busctl_detach(fence["diskseq"])
         fence["detached"] = True
-        assert watcher.wait_for(fence["diskseq"], time.monotonic() + SIGNAL_DEADLINE), \
+        assert watcher.removed(fence["diskseq"], time.monotonic() + SIGNAL_DEADLINE), \
             "no DeviceRemoved for the fence device"
-        removed = watcher.wait_for(reply["diskseq"], 0)
+        removed = watcher.removed(reply["diskseq"], 0)
         assert removed == [[reply["device"], reply["diskseq"], "detached"]], \
             f"DeviceRemoved for diskseq {reply['diskseq']}: {removed}, expected exactly one, reason detached"
     finally:
@@ -809,7 +769,7 @@ def test_release_not_confirmed_in_time_is_timeout(env):
     watcher, detach, removed = None, None, False
     try:
         verify_reply(reply, image)
-        watcher = DeviceRemovedWatcher()
+        watcher = SignalWatcher()
         started = time.monotonic()
         detach = Background(detach_call, reply["diskseq"])
         poll(f"{reply['devnode']} released", lambda: sysfs(name, "diskseq") != str(reply["diskseq"]))
@@ -832,7 +792,7 @@ def test_release_not_confirmed_in_time_is_timeout(env):
         assert reply["devnode"] in detach.error.message or str(reply["diskseq"]) in detach.error.message, \
             f"Timeout message {detach.error.message!r} names neither {reply['devnode']} nor {reply['diskseq']}"
         # The DeviceRemoved signal goes out right after the reply.
-        removed_signals = watcher.wait_for(reply["diskseq"], time.monotonic() + SIGNAL_DEADLINE)
+        removed_signals = watcher.removed(reply["diskseq"], time.monotonic() + SIGNAL_DEADLINE)
         assert removed_signals == [[reply["device"], reply["diskseq"], "timeout"]], \
             f"DeviceRemoved for diskseq {reply['diskseq']}: {removed_signals}, expected one, reason timeout"
         problems = []

@@ -19,14 +19,11 @@ import json
 import os
 import pwd
 import shutil
-import threading
 import time
 
 import dbus
-import dbus.mainloop.glib
-from gi.repository import GLib
 
-from harness import (DEVICE_IFACE, LOOPCTL, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH, CallError,
+from harness import (DEVICE_IFACE, LOOPCTL, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH, CallError, SignalWatcher,
                      _udev_info, busctl_get_property, busctl_managed_objects, detaching,
                      expect_error, loop_name, main, make_gpt3, partition_numbers_in_sysfs, pydbus_attach, pydbus_call,
                      pydbus_options, read_text, run, verify_detached, verify_ready,
@@ -61,60 +58,6 @@ def bound(devnode, diskseq):
     name = loop_name(devnode)
     return read_text(f"/sys/block/{name}/diskseq") == str(diskseq) and \
         os.path.exists(f"/sys/block/{name}/loop/backing_file")
-
-
-class SignalWatcher:
-    """Records the Manager's DeviceRemoved and the devices' PropertiesChanged from
-    the moment it is made; a GLib loop thread dispatches them."""
-
-    def __init__(self):
-        dbus.mainloop.glib.threads_init()
-        self._loop = GLib.MainLoop()
-        threading.Thread(target=self._loop.run, daemon=True).start()
-        self.removed, self.changed = [], []
-        self.cond = threading.Condition()
-        self.conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"],
-                                           mainloop=dbus.mainloop.glib.DBusGMainLoop())
-        self.conn.add_signal_receiver(self._on_removed, signal_name="DeviceRemoved",
-                                      dbus_interface=MANAGER_IFACE, path=MANAGER_PATH)
-        self.conn.add_signal_receiver(self._on_changed, signal_name="PropertiesChanged",
-                                      dbus_interface="org.freedesktop.DBus.Properties",
-                                      path_keyword="path")
-        # A round trip behind the AddMatch: the bus has the matches when this returns.
-        self.conn.call_blocking("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                "org.freedesktop.DBus", "GetId", "", [])
-
-    def _on_removed(self, *args):
-        with self.cond:
-            self.removed.append((int(args[1]), str(args[2])))
-            self.cond.notify_all()
-
-    def _on_changed(self, iface, changed, invalidated, path=None):
-        with self.cond:
-            self.changed.append((str(path), str(iface), sorted(str(k) for k in changed) +
-                                 sorted(str(k) for k in invalidated)))
-            self.cond.notify_all()
-
-    def wait_removed(self, diskseq, deadline):
-        with self.cond:
-            while True:
-                found = [reason for d, reason in self.removed if d == diskseq]
-                if found or time.monotonic() >= deadline:
-                    return found
-                self.cond.wait(deadline - time.monotonic())
-
-    def wait_changed(self, path, prop, deadline):
-        with self.cond:
-            while True:
-                if any(p == path and prop in names for p, _, names in self.changed):
-                    return True
-                if time.monotonic() >= deadline:
-                    return False
-                self.cond.wait(deadline - time.monotonic())
-
-    def close(self):
-        self.conn.close()
-        self._loop.quit()
 
 
 # --------------------------------------------------------------------------- Find
@@ -221,7 +164,7 @@ def test_deferred_detach_of_mounted_disk(env):
             assert read_text(f"/sys/block/{loop_name(devnode)}/loop/autoclear") == "1"
             assert watcher.wait_changed(reply["device"], "Autoclear", time.monotonic() + SIGNAL_DEADLINE), \
                 "no PropertiesChanged for Autoclear"
-            assert not watcher.removed, f"DeviceRemoved before umount: {watcher.removed}"
+            assert not watcher.removals(), f"DeviceRemoved before umount: {watcher.removals()}"
             # A second deferred detach is already arranged: success, nothing changes.
             detach_call(diskseq, deferred=dbus.Boolean(True))
 
@@ -296,7 +239,7 @@ def check_kept(env, watcher, reply, ref, why):
     assert bound(devnode, diskseq), f"{devnode} was released {why}"
     assert reply["device"] in listed_objects(), f"{reply['device']} is no longer listed {why}"
     assert os.path.islink(ref_link(env, ref)), f"by-ref/{ref} is gone {why}"
-    assert not [r for d, r in watcher.removed if d == diskseq], f"DeviceRemoved {why}: {watcher.removed}"
+    assert not [r for d, r in watcher.removals() if d == diskseq], f"DeviceRemoved {why}: {watcher.removals()}"
 
 
 def check_released(env, watcher, reply, ref, image, what):

@@ -32,11 +32,9 @@ import threading
 import time
 
 import dbus
-import dbus.mainloop.glib
-from gi.repository import GLib
 
 import test_security as sec
-from harness import (CALL_TIMEOUT, DEVICE_IFACE, MANAGER_IFACE, MANAGER_PATH, CallError,
+from harness import (CALL_TIMEOUT, CallError, SignalWatcher,
                      busctl_detach, detaching, expect_error, force_detach, main, pydbus_attach,
                      pydbus_options, verify_detached)
 from test_security import (ACCESS_DENIED, USER, USER2, USER3, Client, check_owned, give,
@@ -206,61 +204,6 @@ class Leaver:
             self.proc.wait()
 
 
-class DeviceWatch:
-    """Records the devices loopd lists (InterfacesAdded: object, diskseq, ref) and
-    removes (DeviceRemoved: diskseq, reason) from the moment it is made."""
-
-    def __init__(self):
-        dbus.mainloop.glib.threads_init()
-        self._loop = GLib.MainLoop()
-        threading.Thread(target=self._loop.run, daemon=True).start()
-        self.added, self.removed = [], []
-        self.cond = threading.Condition()
-        self.conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"],
-                                           mainloop=dbus.mainloop.glib.DBusGMainLoop())
-        self.conn.add_signal_receiver(self._on_added, signal_name="InterfacesAdded",
-                                      dbus_interface="org.freedesktop.DBus.ObjectManager",
-                                      path=MANAGER_PATH)
-        self.conn.add_signal_receiver(self._on_removed, signal_name="DeviceRemoved",
-                                      dbus_interface=MANAGER_IFACE, path=MANAGER_PATH)
-        # A round trip behind the AddMatch: the bus has the matches when this returns.
-        self.conn.call_blocking("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                "org.freedesktop.DBus", "GetId", "", [])
-
-    def _on_added(self, path, interfaces):
-        props = interfaces.get(DEVICE_IFACE, {})
-        with self.cond:
-            self.added.append((str(path), int(props.get("DiskSeq", 0)), str(props.get("Ref", ""))))
-            self.cond.notify_all()
-
-    def _on_removed(self, path, diskseq, reason):
-        with self.cond:
-            self.removed.append((int(diskseq), str(reason)))
-            self.cond.notify_all()
-
-    def listed_with_ref(self, ref):
-        with self.cond:
-            return [d for _, d, r in self.added if r == ref]
-
-    def wait_listed(self, ref, deadline):
-        with self.cond:
-            while not self.listed_with_ref(ref) and time.monotonic() < deadline:
-                self.cond.wait(deadline - time.monotonic())
-            return self.listed_with_ref(ref)
-
-    def wait_removed(self, diskseq, deadline):
-        with self.cond:
-            while True:
-                found = [reason for d, reason in self.removed if d == diskseq]
-                if found or time.monotonic() >= deadline:
-                    return found
-                self.cond.wait(deadline - time.monotonic())
-
-    def close(self):
-        self.conn.close()
-        self._loop.quit()
-
-
 def outcome_of(watch, ref, spare, limit=20):
     """After loopd has had polkit's answer for an attach with `ref`: what became of
     it, once it is over. Root's attach of `spare` with the same ref is refused while
@@ -273,7 +216,7 @@ def outcome_of(watch, ref, spare, limit=20):
         reply = pydbus_attach(spare.path, pydbus_options(ref=dbus.String(ref)))
     except CallError as e:
         assert e.name == "org.loopd1.Error.InvalidArgument" and "already used" in e.message, e
-        listed = watch.wait_listed(ref, deadline)
+        listed = watch.listed_with_ref(ref, deadline)
         assert listed, f"ref {ref} is held, but no device with it was listed within {limit} s"
     else:  # the ref is free: nothing of that attach is left in loopd
         spare_diskseq = reply["diskseq"]
@@ -354,7 +297,7 @@ def _caller_leaves_while_polkit_thinks(env, lifetime):
     authorized attach of a caller that left."""
     image, spare = env.image("mbr2"), env.image("none")
     give(image.path, USER, 0o600)
-    watch = DeviceWatch()
+    watch = SignalWatcher()
     leaver = None
     try:
         with slow_polkit("org.loopd1.attach", USER, "yes") as slow:

@@ -14,104 +14,22 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 
 import dbus
-import dbus.mainloop.glib
-from gi.repository import GLib
 
 from harness import (BUS_NAME, CALL_TIMEOUT, DEVICE_IFACE, LOOPCTL, MANAGER_IFACE, MANAGER_PATH,
-                     CallError, Parallel, _plain, busctl_attach_cmd, busctl_detach,
+                     CallError, Parallel, SignalWatcher, busctl_attach_cmd, busctl_detach,
                      busctl_get_property, busctl_managed_objects, detaching,
                      expect_error, loop_name, main, parse_busctl_attach,
                      partition_nodes_in_dev, partition_numbers_in_sysfs, pydbus_attach,
                      pydbus_call, pydbus_options, read_text, read_uevent, run, verify_detached,
                      verify_reply)
 
-OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 # The API's promise for DeviceRemoved after a foreign detach or a vanished client.
 SIGNAL_DEADLINE = 1.0
 STORM_CLIENTS = 32
 TINY_BUFFER = "4096"
-
-
-# --------------------------------------------------------------------------- signals
-
-_glib_thread = None
-
-
-def _start_glib_loop():
-    """One GLib main loop thread for all watchers: it dispatches their signals."""
-    global _glib_thread
-    if _glib_thread is None:
-        dbus.mainloop.glib.threads_init()
-        loop = GLib.MainLoop()
-        _glib_thread = threading.Thread(target=loop.run, daemon=True)
-        _glib_thread.start()
-
-
-class SignalWatcher:
-    """Records signals from the bus (as (monotonic time, member, path, args)) from
-    the moment it is made: the match is known to the bus when __init__ returns,
-    so whatever the test does next cannot be missed."""
-
-    def __init__(self):
-        _start_glib_loop()
-        self.signals = []
-        self.cond = threading.Condition()
-        self.conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"],
-                                           mainloop=dbus.mainloop.glib.DBusGMainLoop())
-        for iface in (MANAGER_IFACE, OBJECT_MANAGER_IFACE, PROPERTIES_IFACE):
-            self.conn.add_signal_receiver(self._on_signal, dbus_interface=iface,
-                                          member_keyword="member", path_keyword="path")
-        # AddMatch is sent without waiting; a round trip behind it means the bus has
-        # processed it (it handles one connection's messages in order).
-        self.conn.call_blocking("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                "org.freedesktop.DBus", "GetId", "", [])
-
-    def _on_signal(self, *args, member=None, path=None):
-        with self.cond:
-            self.signals.append((time.monotonic(), str(member), str(path),
-                                 [_plain(a) for a in args]))
-            self.cond.notify_all()
-
-    def wait_for(self, match, deadline):
-        """The first recorded signal for which match(member, path, args) holds,
-        waiting until the monotonic `deadline`; None if none came."""
-        with self.cond:
-            while True:
-                for entry in self.signals:
-                    if match(entry[1], entry[2], entry[3]):
-                        return entry
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self.cond.wait(remaining)
-
-    def device_removed(self, obj, deadline, reason=None):
-        """Waits for DeviceRemoved(obj, ...) (any object if obj is None)."""
-        def match(member, path, args):
-            return member == "DeviceRemoved" and path == MANAGER_PATH and \
-                (obj is None or args[0] == obj) and (reason is None or args[2] == reason)
-        return self.wait_for(match, deadline)
-
-    def interfaces_removed(self, obj, deadline):
-        return self.wait_for(lambda m, p, a: m == "InterfacesRemoved" and a[0] == obj, deadline)
-
-    def readiness_source(self, value, deadline):
-        def match(member, path, args):
-            return member == "PropertiesChanged" and path == MANAGER_PATH and \
-                args[0] == MANAGER_IFACE and args[1].get("ReadinessSource") == value
-        return self.wait_for(match, deadline)
-
-    def all(self):
-        with self.cond:
-            return list(self.signals)
-
-    def close(self):
-        self.conn.close()
 
 
 # --------------------------------------------------------------------------- helpers
