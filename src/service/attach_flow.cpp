@@ -316,31 +316,6 @@ void AttachFlow::configured(core::RequestId id, const std::shared_ptr<Attached>&
         s_.afterConfigure(watch);
 }
 
-// udevd went away and did not come back within the grace: a readiness=auto
-// request counts the kernel's events from now on (ReadinessSource says kernel).
-void AttachFlow::fallBackToKernel()
-{
-    std::vector<core::RequestId> ids;
-    for (auto& [id, job] : attaches_) {
-        if (job.options.readiness != ReadinessMode::Auto || job.events != EventSource::Udev)
-            continue;
-        job.events = EventSource::Kernel; // one not yet configured counts the kernel's too
-        if (job.diskseq != 0 && !job.abandoning)
-            ids.push_back(id);
-    }
-    for (const auto& [id, waiter] : waiters_)
-        if (const auto* device = s_.table.find(waiter.diskseq);
-            device && device->options.readiness == ReadinessMode::Auto)
-            ids.push_back(id);
-    for (const auto id : ids) {
-        if (const auto it = attaches_.find(id); it != attaches_.end())
-            if (auto* device = s_.table.find(it->second.diskseq))
-                device->source = EventSource::Kernel;
-        log::info("udevd is gone: request {} now counts the kernel's events", id);
-        s_.settle(s_.registry.retarget(id, EventSource::Kernel));
-    }
-}
-
 void AttachFlow::ready(core::RequestId id)
 {
     auto& job = attaches_.at(id);

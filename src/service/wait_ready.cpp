@@ -1,5 +1,6 @@
 // WaitReady, and what AttachFlow tells those waiting (AttachFlow's part that
-// waits for devices others attached; the attach itself is attach_flow.cpp).
+// waits for devices others attached, and what every wait counts once udevd is
+// gone; the attach itself is attach_flow.cpp).
 #include "attach_flow.hpp"
 
 #include "errors.hpp"
@@ -54,6 +55,31 @@ void AttachFlow::deviceGone(uint64_t diskseq, const std::string& message)
         s_.registry.cancel(it->first);
         it->second.result.returnError(makeDbusError(Errc::DeviceChanged, message));
         it = waiters_.erase(it);
+    }
+}
+
+// udevd went away and did not come back within the grace: a readiness=auto
+// request counts the kernel's events from now on (ReadinessSource says kernel).
+void AttachFlow::fallBackToKernel()
+{
+    std::vector<core::RequestId> ids;
+    for (auto& [id, job] : attaches_) {
+        if (job.options.readiness != ReadinessMode::Auto || job.events != EventSource::Udev)
+            continue;
+        job.events = EventSource::Kernel; // one not yet configured counts the kernel's too
+        if (job.diskseq != 0 && !job.abandoning)
+            ids.push_back(id);
+    }
+    for (const auto& [id, waiter] : waiters_)
+        if (const auto* device = s_.table.find(waiter.diskseq);
+            device && device->options.readiness == ReadinessMode::Auto)
+            ids.push_back(id);
+    for (const auto id : ids) {
+        if (const auto it = attaches_.find(id); it != attaches_.end())
+            if (auto* device = s_.table.find(it->second.diskseq))
+                device->source = EventSource::Kernel;
+        log::info("udevd is gone: request {} now counts the kernel's events", id);
+        s_.settle(s_.registry.retarget(id, EventSource::Kernel));
     }
 }
 
