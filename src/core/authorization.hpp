@@ -23,7 +23,7 @@ struct Caller {
 struct Verdict {
     bool allowed = false;     // without asking anyone
     std::string polkitAction; // else: allowed only if polkit says yes to this action
-                              // (none: refused without asking)
+    std::string refusal;      // else (no action): refused without asking, because of this
 };
 
 // ownerUid: the device's owner, for Detach.

@@ -27,12 +27,10 @@ void Callers::authorize(const CallOrigin& from, core::Action action, const std::
                const auto verdict = core::decide(action, core::Caller{caller.uid, caller.privileged}, ownerUid);
                if (verdict.allowed)
                    return then(nullptr, std::move(caller));
-               if (verdict.polkitAction.empty())
-                   return then(std::make_exception_ptr(Error(Errc::AccessDenied, what +
-                                                                                     " is for the device's owner "
-                                                                                     "or root only (uid " +
-                                                                                     std::to_string(caller.uid) + ")")),
-                               caller);
+               if (verdict.polkitAction.empty()) {
+                   const auto why = what + " " + verdict.refusal + " (uid " + std::to_string(caller.uid) + ")";
+                   return then(std::make_exception_ptr(Error(Errc::AccessDenied, why)), caller);
+               }
                askPolkit(from, verdict.polkitAction, details, [then, caller, what, verdict](bool allowed) {
                    if (allowed)
                        return then(nullptr, caller);

@@ -5,15 +5,22 @@
 
 using namespace loopd::core;
 
-TEST_CASE("root needs no polkit; uid 0 without root's powers does")
+TEST_CASE("root needs no polkit; uid 0 without root's powers gets nothing polkit would decide")
 {
     CHECK(decide(Action::Attach, Caller{0, true}).allowed);
     CHECK(decide(Action::Detach, Caller{0, true}, 1000).allowed);
-    CHECK_FALSE(decide(Action::Attach, Caller{0, false}).allowed);
-    CHECK(decide(Action::Attach, Caller{0, false}).polkitAction == "org.loopd1.attach");
-    CHECK_FALSE(decide(Action::Detach, Caller{0, false}, 1000).allowed);
-    CHECK_FALSE(decide(Action::Detach, Caller{0, false}, 0).allowed); // root's devices are not its own
-    CHECK_FALSE(decide(Action::Attach, Caller{1000, true}).allowed);  // caps without uid 0: not root
+    // polkitd says yes to any uid-0 subject: asking it would make capless uid 0 root.
+    for (const auto action : {Action::Attach, Action::Detach, Action::Resize, Action::Open}) {
+        for (const std::optional<uint32_t> owner :
+             {std::optional<uint32_t>{}, std::optional<uint32_t>{0}, std::optional<uint32_t>{1000}}) {
+            const auto verdict = decide(action, Caller{0, false}, owner);
+            CHECK_FALSE(verdict.allowed);
+            CHECK(verdict.polkitAction.empty());
+            CHECK(verdict.refusal.find("CAP_SYS_ADMIN") != std::string::npos);
+        }
+    }
+    CHECK(decide(Action::Find, Caller{0, false}).allowed);
+    CHECK_FALSE(decide(Action::Attach, Caller{1000, true}).allowed); // caps without uid 0: not root
 }
 
 TEST_CASE("others attach only with polkit's org.loopd1.attach")
@@ -43,5 +50,6 @@ TEST_CASE("anyone may find; resize is as detach; open is for the owner or root o
     const auto stranger = decide(Action::Open, Caller{1001}, 1000);
     CHECK_FALSE(stranger.allowed);
     CHECK(stranger.polkitAction.empty());
+    CHECK(stranger.refusal == "is for the device's owner or root only");
     CHECK_FALSE(decide(Action::Open, Caller{0, false}, 0).allowed);
 }
