@@ -359,14 +359,20 @@ bool AttachFlow::awaitUdevTags(core::RequestId id)
     const auto& device = *s_.table.find(job.diskseq);
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(job.deadline - core::Clock::now());
     s_.udevTags->confirm(device.info.number, job.diskseq, device.info.partitions, device.source,
-                         std::max(left, std::chrono::milliseconds(1)), [this, id](bool confirmed) {
+                         std::max(left, std::chrono::milliseconds(1)), [this, id](UdevTags::Confirmation result) {
                              const auto it = attaches_.find(id);
                              if (it == attaches_.end() || it->second.abandoning)
                                  return;
-                             if (!confirmed)
+                             if (result == UdevTags::Confirmation::TimedOut)
                                  return abandon(id, Errc::Timeout,
                                                 "udev did not process its properties (hidden) in time; it was "
                                                 "detached again",
+                                                true);
+                             if (result == UdevTags::Confirmation::NotImported)
+                                 return abandon(id, Errc::Failed,
+                                                "udev processed it without loopd's properties (hidden): the rule "
+                                                "90-loopd.rules is not in udev's rules directories; it was detached "
+                                                "again",
                                                 true);
                              ready(id);
                          });

@@ -61,7 +61,7 @@ void UdevTags::confirm(unsigned number, uint64_t diskseq, const std::vector<unsi
     postAfter(workers_, timeout, done, [this, uuid] {
         auto node = pending_.extract(uuid);
         if (!node.empty())
-            node.mapped().then(false);
+            node.mapped().then(Confirmation::TimedOut);
     });
 }
 
@@ -72,12 +72,15 @@ void UdevTags::onEvent(const Uevent& event)
     const auto it = pending_.find(event.synthUuid);
     if (it == pending_.end() || it->second.source != event.source || it->second.diskseq != event.diskseq)
         return;
+    // Its own event, processed by udev without what the rule imports: no later
+    // event will have it either.
+    const bool imported = event.source != EventSource::Udev || event.loopdProperties;
     it->second.missing.erase(event.partition);
-    if (!it->second.missing.empty())
+    if (imported && !it->second.missing.empty())
         return;
     auto node = pending_.extract(it);
     *node.mapped().done = true;
-    node.mapped().then(true);
+    node.mapped().then(imported ? Confirmation::Confirmed : Confirmation::NotImported);
 }
 
 } // namespace loopd::service

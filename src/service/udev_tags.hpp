@@ -28,7 +28,12 @@ namespace loopd::service {
 
 class UdevTags {
 public:
-    using Then = std::function<void(bool confirmed)>;
+    enum class Confirmation {
+        Confirmed,   // udev processed every event, with the properties
+        TimedOut,    // not all of them in time
+        NotImported, // processed without them: 90-loopd.rules is not installed
+    };
+    using Then = std::function<void(Confirmation)>;
 
     UdevTags(std::filesystem::path dir, WorkerPool& workers);
 
@@ -38,8 +43,9 @@ public:
     void remove(uint64_t diskseq) const noexcept;
 
     // Triggers "change" for the disk (0) and `partitions` of loopN, then `then`
-    // with true once events of `source` with DISKSEQ=diskseq and this request's
-    // SYNTH_UUID came for all of them, or false at the timeout.
+    // once events of `source` with DISKSEQ=diskseq and this request's SYNTH_UUID
+    // came for all of them (or a udev one came without the properties), or at the
+    // timeout.
     void confirm(unsigned number, uint64_t diskseq, const std::vector<unsigned>& partitions, EventSource source,
                  std::chrono::milliseconds timeout, Then then);
     // Every uevent, both sources.

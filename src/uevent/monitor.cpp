@@ -28,9 +28,12 @@ namespace {
 
 std::optional<Uevent> toUevent(udev_device* device, EventSource source)
 {
-    return makeUevent(source, udev_device_get_action(device), udev_device_get_sysname(device),
-                      udev_device_get_property_value(device, "DISKSEQ"),
-                      udev_device_get_property_value(device, "SYNTH_UUID"));
+    auto event = makeUevent(source, udev_device_get_action(device), udev_device_get_sysname(device),
+                            udev_device_get_property_value(device, "DISKSEQ"),
+                            udev_device_get_property_value(device, "SYNTH_UUID"));
+    if (event)
+        event->loopdProperties = udev_device_get_property_value(device, "LOOPD_OWNER_UID") != nullptr;
+    return event;
 }
 
 } // namespace

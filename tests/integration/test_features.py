@@ -23,7 +23,7 @@ import time
 
 import dbus
 
-from harness import (DEVICE_IFACE, LOOPCTL, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH, CallError, SignalWatcher,
+from harness import (DEVICE_IFACE, LOOPCTL, LOOPD_SRC, MANAGER_IFACE, MANAGER_PATH, CallError, SignalWatcher, Skip,
                      _udev_info, busctl_get_property, busctl_managed_objects, detaching,
                      expect_error, loop_name, main, make_gpt3, partition_numbers_in_sysfs, pydbus_attach, pydbus_call,
                      pydbus_options, read_text, run, verify_detached, verify_ready,
@@ -514,6 +514,25 @@ def test_hidden_tags_in_udev_database_at_reply_time(env):
             verify_detached(reply["devnode"], reply["diskseq"])
             assert not os.path.exists(f"/run/loopd/udev/{reply['diskseq']}"), \
                 "the udev properties file outlived its device"
+
+
+def test_hidden_without_the_udev_rule_fails_and_attaches_nothing(env):
+    """Without 90-loopd.rules in udev's rules directories udev cannot import the
+    properties, so "in udev's database before readiness" cannot hold: Attach(hidden)
+    fails (Failed, naming the device and the rule), nothing stays attached and the
+    ref is free again. Failed on 5b0445e: it answered ready without the tags."""
+    installed = [d for d in ("/etc/udev/rules.d", "/run/udev/rules.d", "/usr/lib/udev/rules.d",
+                             "/lib/udev/rules.d") if os.path.exists(os.path.join(d, "90-loopd.rules"))]
+    if installed:
+        raise Skip(f"90-loopd.rules is installed in {installed}")
+    image = env.image("gpt3")
+    err = expect_error("Failed", pydbus_attach, image.path,
+                       pydbus_options(hidden=dbus.Boolean(True), ref=dbus.String("desk")))
+    assert "90-loopd.rules" in err.message and image.path in err.message, err.message
+    assert env.attached_here() == [], f"left attached: {env.attached_here()}"
+    reply = pydbus_attach(image.path, pydbus_options(ref=dbus.String("desk")))
+    with detaching(reply):
+        verify_reply(reply, image)
 
 
 # --------------------------------------------------------------------------- Open, lifetime=fd
