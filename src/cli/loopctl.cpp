@@ -250,19 +250,27 @@ int main(int argc, char** argv)
     unsigned lines = 10;
     loopctl::ListOptions listOptions;
 
+    // CLI11 reads "-512" into an unsigned option as 2^64 - 512: a usage error instead.
+    const CLI::Validator notNegative(
+        [](const std::string& value) { return value.rfind('-', 0) == 0 ? "must not be negative" : std::string(); }, "",
+        "not negative");
     auto* attachCmd = app.add_subcommand("attach", "attach IMAGE; print the device node, then its partitions");
     attachCmd->add_option("IMAGE", attachArgs.image, "image file or block device (or image = in --config)");
     attachCmd->add_option("--config", attachArgs.config,
                           "read the image and options from FILE (key = value lines, e.g. /etc/loopd/images/NAME.conf)");
     attachCmd->add_flag("--read-only", attachArgs.readOnly, "attach read-only");
-    attachCmd->add_option("--offset", attachArgs.offset, "start of the data in the file, bytes (multiple of 512)");
-    attachCmd->add_option("--size-limit", attachArgs.sizeLimit, "size of the device, bytes (multiple of 512)");
-    attachCmd->add_option("--sector-size", attachArgs.sectorSize, "logical block size: 512, 1024, 2048 or 4096");
+    attachCmd->add_option("--offset", attachArgs.offset, "start of the data in the file, bytes (multiple of 512)")
+        ->check(notNegative);
+    attachCmd->add_option("--size-limit", attachArgs.sizeLimit, "size of the device, bytes (multiple of 512)")
+        ->check(notNegative);
+    attachCmd->add_option("--sector-size", attachArgs.sectorSize, "logical block size: 512, 1024, 2048 or 4096")
+        ->check(notNegative);
     attachCmd->add_flag("--direct-io", attachArgs.directIo, "use direct I/O on the backing file");
     attachCmd->add_flag("--no-partscan", attachArgs.noPartscan, "do not create partition devices");
     attachCmd->add_flag("--autoclear", attachArgs.autoclear, "let the kernel detach at last close");
     attachCmd->add_option("--ref", attachArgs.ref, "a name for the device, linked as /run/loopd/by-ref/NAME");
-    attachCmd->add_option("--timeout", attachArgs.timeout, "seconds to wait for readiness (default 10)");
+    attachCmd->add_option("--timeout", attachArgs.timeout, "seconds to wait for readiness (default 10)")
+        ->check(CLI::Range(0.000001, 86400.0));
     attachCmd->add_flag("--hold", attachArgs.hold,
                         "stay running, tell systemd READY=1, detach on SIGTERM/SIGINT or when this exits");
     attachCmd->add_flag("--json", attachArgs.json, "print a JSON object");
@@ -286,7 +294,9 @@ int main(int argc, char** argv)
 
     auto* waitCmd = app.add_subcommand("wait", "wait until a loopd device is ready");
     waitCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();
-    waitCmd->add_option("--timeout", timeout, "seconds")->capture_default_str();
+    waitCmd->add_option("--timeout", timeout, "seconds (0: 10)")
+        ->capture_default_str()
+        ->check(CLI::Range(0.0, 86400.0));
 
     auto* statusCmd = app.add_subcommand("status", "show a loopd device, its partitions and its latest log lines");
     statusCmd->add_option("DEVICE", name, "device node, ref or diskseq")->required();

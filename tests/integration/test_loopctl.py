@@ -297,6 +297,13 @@ def test_exit_statuses_and_order_of_messages(env):
     p = loopctl("list", "-o", "DEVICE,NOPE", check=False)
     assert p.returncode == 2 and "NOPE" in p.stderr and p.stdout == "", p
     assert loopctl("status", check=False).returncode == 2
+    # Negative numbers are usage errors, not 2^64 - N sent to loopd.
+    image = env.image("none")
+    for args in (["attach", "--offset", "-512"], ["attach", "--size-limit", "-1"], ["attach", "--timeout", "-1"],
+                 ["attach", "--timeout", "0"], ["wait", "--timeout", "-1", "x"]):
+        p = loopctl(*args, *(() if args[0] == "wait" else (image.path,)), check=False)
+        assert p.returncode == 2 and args[1] in p.stderr and p.stdout == "", (args, p)
+    assert env.attached_here() == [], f"a usage error attached {env.attached_here()}"
     help_text = loopctl("--help").stdout
     assert "Exit status: 0 success; 1 failure" in help_text and "2 usage error" in help_text, help_text
     p = loopctl("status", "no-such-ref", check=False)
