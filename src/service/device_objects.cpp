@@ -208,7 +208,10 @@ constexpr char openName[] = "Open";
 
 // org.loopd1.Device as dbus/org.loopd1.xml declares it
 // (test_contract.py::test_device_object_matches_the_interface_xml compares).
+// Size, Partitions and Autoclear may change (PropertiesChanged); the rest are
+// fixed for the attachment's life (API.md), which introspection says as "const".
 constexpr uint64_t changes = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE;
+constexpr uint64_t fixed = SD_BUS_VTABLE_PROPERTY_CONST;
 const sd_bus_vtable deviceVtable[] = {
     SD_BUS_VTABLE_START(0),
     SD_BUS_METHOD_WITH_ARGS("Detach", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT,
@@ -219,25 +222,25 @@ const sd_bus_vtable deviceVtable[] = {
                             SD_BUS_VTABLE_UNPRIVILEGED),
     SD_BUS_METHOD_WITH_ARGS("Open", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("h", fd),
                             (DeviceVtable::method<OpenResult, &Handlers::open, openName>), SD_BUS_VTABLE_UNPRIVILEGED),
-    SD_BUS_PROPERTY("DevNode", "s", property<[](P p) { return kernel::loopDevNode(p.info.number); }>, 0, changes),
-    SD_BUS_PROPERTY("DiskSeq", "t", property<[](P p) { return p.info.diskseq; }>, 0, changes),
-    SD_BUS_PROPERTY("Number", "u", property<[](P p) { return uint32_t{p.info.number}; }>, 0, changes),
-    SD_BUS_PROPERTY("BackingFile", "s", property<[](P p) { return p.info.backingFile; }>, 0, changes),
-    SD_BUS_PROPERTY("BackingDevice", "t", property<[](P p) { return uint64_t{p.info.backingDevice}; }>, 0, changes),
-    SD_BUS_PROPERTY("BackingInode", "t", property<[](P p) { return uint64_t{p.info.backingInode}; }>, 0, changes),
-    SD_BUS_PROPERTY("Offset", "t", property<[](P p) { return uint64_t{p.info.offset}; }>, 0, changes),
-    SD_BUS_PROPERTY("SizeLimit", "t", property<[](P p) { return uint64_t{p.info.sizeLimit}; }>, 0, changes),
+    SD_BUS_PROPERTY("DevNode", "s", property<[](P p) { return kernel::loopDevNode(p.info.number); }>, 0, fixed),
+    SD_BUS_PROPERTY("DiskSeq", "t", property<[](P p) { return p.info.diskseq; }>, 0, fixed),
+    SD_BUS_PROPERTY("Number", "u", property<[](P p) { return uint32_t{p.info.number}; }>, 0, fixed),
+    SD_BUS_PROPERTY("BackingFile", "s", property<[](P p) { return p.info.backingFile; }>, 0, fixed),
+    SD_BUS_PROPERTY("BackingDevice", "t", property<[](P p) { return uint64_t{p.info.backingDevice}; }>, 0, fixed),
+    SD_BUS_PROPERTY("BackingInode", "t", property<[](P p) { return uint64_t{p.info.backingInode}; }>, 0, fixed),
+    SD_BUS_PROPERTY("Offset", "t", property<[](P p) { return uint64_t{p.info.offset}; }>, 0, fixed),
+    SD_BUS_PROPERTY("SizeLimit", "t", property<[](P p) { return uint64_t{p.info.sizeLimit}; }>, 0, fixed),
     SD_BUS_PROPERTY("Size", "t", property<[](P p) { return uint64_t{p.info.size}; }>, 0, changes),
-    SD_BUS_PROPERTY("SectorSize", "u", property<[](P p) { return uint32_t{p.info.sectorSize}; }>, 0, changes),
-    SD_BUS_PROPERTY("ReadOnly", "b", property<[](P p) { return p.info.readOnly; }>, 0, changes),
-    SD_BUS_PROPERTY("DirectIO", "b", property<[](P p) { return p.info.directIo; }>, 0, changes),
+    SD_BUS_PROPERTY("SectorSize", "u", property<[](P p) { return uint32_t{p.info.sectorSize}; }>, 0, fixed),
+    SD_BUS_PROPERTY("ReadOnly", "b", property<[](P p) { return p.info.readOnly; }>, 0, fixed),
+    SD_BUS_PROPERTY("DirectIO", "b", property<[](P p) { return p.info.directIo; }>, 0, fixed),
     SD_BUS_PROPERTY("Autoclear", "b", property<[](P p) { return p.info.autoclear; }>, 0, changes),
-    SD_BUS_PROPERTY("PartScan", "b", property<[](P p) { return p.info.partscan; }>, 0, changes),
+    SD_BUS_PROPERTY("PartScan", "b", property<[](P p) { return p.info.partscan; }>, 0, fixed),
     SD_BUS_PROPERTY("Partitions", "as", property<[](P p) { return partitionNodes(p.info); }>, 0, changes),
-    SD_BUS_PROPERTY("Ref", "s", property<[](P p) { return p.ref; }>, 0, changes),
-    SD_BUS_PROPERTY("OwnerUid", "u", property<[](P p) { return p.ownerUid; }>, 0, changes),
-    SD_BUS_PROPERTY("Lifetime", "s", property<[](P p) { return std::string(p.lifetime); }>, 0, changes),
-    SD_BUS_PROPERTY("ReadyTimestamp", "t", property<[](P p) { return p.readyTimestamp; }>, 0, changes),
+    SD_BUS_PROPERTY("Ref", "s", property<[](P p) { return p.ref; }>, 0, fixed),
+    SD_BUS_PROPERTY("OwnerUid", "u", property<[](P p) { return p.ownerUid; }>, 0, fixed),
+    SD_BUS_PROPERTY("Lifetime", "s", property<[](P p) { return std::string(p.lifetime); }>, 0, fixed),
+    SD_BUS_PROPERTY("ReadyTimestamp", "t", property<[](P p) { return p.readyTimestamp; }>, 0, fixed),
     SD_BUS_VTABLE_END,
 };
 

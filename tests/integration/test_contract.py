@@ -193,14 +193,19 @@ def interface_members(root, name):
     methods = {m.get("name"): tuple("".join(a.get("type") for a in m.iter("arg") if a.get("direction", "in") == d)
                                     for d in ("in", "out"))
                for m in iface.iter("method")}
-    props = {p.get("name"): (p.get("type"), p.get("access")) for p in iface.iter("property")}
+    # EmitsChangedSignal: "true" unless annotated (D-Bus specification).
+    props = {p.get("name"): (p.get("type"), p.get("access"),
+                             next((a.get("value") for a in p.iter("annotation")
+                                   if a.get("name") == "org.freedesktop.DBus.Property.EmitsChangedSignal"), "true"))
+             for p in iface.iter("property")}
     signals = {g.get("name"): "".join(a.get("type") for a in g.iter("arg")) for g in iface.iter("signal")}
     return methods, props, signals
 
 
 def test_device_object_matches_the_interface_xml(env):
     """A device object, as the bus introspects it, has exactly the methods,
-    signatures and properties dbus/org.loopd1.xml declares for org.loopd1.Device
+    signatures and properties (with whether they change: only Size, Partitions
+    and Autoclear do) dbus/org.loopd1.xml declares for org.loopd1.Device
     (loopd serves device objects from a table of its own, not from code
     generated from the XML)."""
     reply = attach(env.image("gpt3").path)
