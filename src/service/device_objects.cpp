@@ -1,5 +1,6 @@
 #include "device_objects.hpp"
 
+#include "errors.hpp"
 #include "kernel/loop_device.hpp"
 
 #include <loopd/log.hpp>
@@ -132,6 +133,29 @@ struct DeviceVtable {
             r = sd_bus_send(nullptr, reply, nullptr);
         sd_bus_message_unref(reply);
         return r < 0 ? r : 1;
+    }
+
+    // A call on a path below /org/loopd1/device that names no device (one detached
+    // meanwhile, or never attached): the contract's NotFound, naming the path,
+    // rather than sd-bus's UnknownObject, which it no longer sends for these
+    // paths (a fallback's callback makes every path below it "found"). sd-bus
+    // runs it before the vtables, so a live device's calls are passed on.
+    static int gone(sd_bus_message* call, void* objects, sd_bus_error*)
+    {
+        const std::string_view path = sd_bus_message_get_path(call) ? sd_bus_message_get_path(call) : "";
+        uint8_t type = 0;
+        if (sd_bus_message_get_type(call, &type) < 0 || type != SD_BUS_MESSAGE_METHOD_CALL || path == devicePrefix)
+            return 0;
+        if (const auto diskseq = diskseqOf(path);
+            diskseq && static_cast<DeviceObjects*>(objects)->objects_.count(*diskseq))
+            return 0;
+        try {
+            const auto error = makeDbusError(Errc::NotFound, "no loopd device at " + std::string(path) +
+                                                                 " (detached, or never attached)");
+            return sd_bus_reply_method_errorf(call, error.getName().c_str(), "%s", error.getMessage().c_str());
+        } catch (...) {
+            return -ENOMEM;
+        }
     }
 
     static bool isEmptySignature(sd_bus_message* call)
@@ -286,7 +310,10 @@ DeviceObjects::DeviceObjects(sdbus::IObject& manager, Handlers& handlers) : hand
         r = sd_bus_add_node_enumerator(bus_, &enumerator_, devicePrefix.data(), DeviceVtable::enumerate, this);
     if (r >= 0)
         r = sd_bus_add_object(bus_, &managedObjects_, managerPath, DeviceVtable::managedObjects, this);
+    if (r >= 0)
+        r = sd_bus_add_fallback(bus_, &gone_, devicePrefix.data(), DeviceVtable::gone, this);
     if (r < 0) {
+        sd_bus_slot_unref(managedObjects_);
         sd_bus_slot_unref(enumerator_);
         sd_bus_slot_unref(vtable_);
         sd_bus_unref(bus_);
@@ -301,6 +328,7 @@ DeviceObjects::~DeviceObjects()
     // start) must not reach back into it.
     for (auto& [diskseq, object] : objects_)
         object->objects_ = nullptr;
+    sd_bus_slot_unref(gone_);
     sd_bus_slot_unref(managedObjects_);
     sd_bus_slot_unref(enumerator_);
     sd_bus_slot_unref(vtable_);

@@ -67,6 +67,7 @@ private:
     sd_bus_slot* vtable_ = nullptr;
     sd_bus_slot* enumerator_ = nullptr;
     sd_bus_slot* managedObjects_ = nullptr; // GetManagedObjects on the manager's path
+    sd_bus_slot* gone_ = nullptr;           // Device calls on paths of no device: NotFound
     std::map<uint64_t, DeviceObject*> objects_;
     Handlers& handlers_;
     bool announcing_ = false;

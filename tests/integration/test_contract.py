@@ -202,6 +202,24 @@ def interface_members(root, name):
     return methods, props, signals
 
 
+def test_calls_on_a_detached_device_are_not_found(env):
+    """A client that kept a device's object path after the device went (or made
+    one up) gets the contract's NotFound naming that path, for the device's
+    methods and its properties alike, not sd-bus's UnknownObject (an outside
+    review saw that on 5b0445e). The folder itself still introspects."""
+    reply = attach(env.image("none").path)
+    busctl_detach(reply["diskseq"])
+    for path in (reply["device"], "/org/loopd1/device/x"):
+        for call in (lambda: pydbus_call("Detach", "a{sv}", [dbus.Dictionary({}, signature="sv")], path=path,
+                                         iface=DEVICE_IFACE),
+                     lambda: pydbus_call("Get", "ss", [DEVICE_IFACE, "DevNode"], path=path,
+                                         iface="org.freedesktop.DBus.Properties")):
+            err = expect_error("NotFound", call)
+            assert path in err.message, err.message
+    xml = pydbus_call("Introspect", path="/org/loopd1/device", iface="org.freedesktop.DBus.Introspectable")
+    assert "<node" in xml, xml
+
+
 def test_device_object_matches_the_interface_xml(env):
     """A device object, as the bus introspects it, has exactly the methods,
     signatures and properties (with whether they change: only Size, Partitions
