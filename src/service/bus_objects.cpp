@@ -8,6 +8,8 @@
 
 #include <systemd/sd-bus.h>
 
+#include <cstring>
+
 namespace loopd::service {
 namespace {
 
@@ -101,6 +103,19 @@ ManagerObject::~ManagerObject()
 {
     devices.reset();
     unregisterAdaptor();
+}
+
+// Queued, not refused: after a SIGKILL the bus may not have processed the old
+// loopd's hang-up when the new one asks (test_crash saw FileExists in CI), and a
+// queued name passes on the moment it does. Another live loopd is ruled out by
+// the runtime dir's lock, taken before anything else.
+bool ManagerObject::requestName(const char* name)
+{
+    const auto probe = getObject().createSignal(org::loopd1::Manager_adaptor::INTERFACE_NAME, "DeviceRemoved");
+    const int r = sd_bus_request_name(sd_bus_message_get_bus(rawMessage(probe)), name, SD_BUS_NAME_QUEUE);
+    if (r < 0)
+        throw sdbus::Error(SD_BUS_ERROR_FAILED, std::string("cannot request ") + name + ": " + std::strerror(-r));
+    return r > 0;
 }
 
 void ManagerObject::devicesChanged()

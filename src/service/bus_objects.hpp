@@ -84,6 +84,9 @@ class ManagerObject final : public sdbus::AdaptorInterfaces<org::loopd1::Manager
 public:
     ManagerObject(sdbus::IConnection& connection, Handlers& handlers);
     ~ManagerObject();
+    // Owns `name`, or queues for it behind an owner that has not left the bus
+    // yet (false). Throws on anything else.
+    bool requestName(const char* name);
     void devicesChanged();
     void readinessSourceChanged();
     void kernelQuirksChanged();

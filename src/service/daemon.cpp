@@ -12,12 +12,15 @@
 #include <loopd/log.hpp>
 #include <loopd/signals.hpp>
 
+#include <fcntl.h>
 #include <malloc.h>
+#include <sys/file.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <csignal>
+#include <filesystem>
 #include <optional>
 #include <set>
 #include <system_error>
@@ -39,11 +42,26 @@ UniqueFd makeSignalFd()
     return fd;
 }
 
+// One loopd per runtime dir: a second one's recovery would adopt or release what
+// the first one owns. The kernel drops the lock at exit, also after SIGKILL.
+UniqueFd lockRuntimeDir(const std::string& dir)
+{
+    std::filesystem::create_directories(dir);
+    const auto path = dir + "/lock";
+    UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+    if (!fd)
+        throw std::system_error(errno, std::generic_category(), "open " + path);
+    if (!kernel::tryLockFd(fd.get(), LOCK_EX))
+        throw std::runtime_error("another loopd is running with runtime dir " + dir + " (it holds " + path + ")");
+    return fd;
+}
+
 } // namespace
 
 Daemon::Daemon(DaemonConfig config)
     // Subscribe before anything else, so no event of an attachment can pass unseen.
-    : config_(std::move(config)), udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
+    : config_(std::move(config)), instanceLock_(lockRuntimeDir(config_.runtimeDir)),
+      udevMonitor_(EventSource::Udev, config_.receiveBufferBytes, config_.drops),
       kernelMonitor_(EventSource::Kernel, config_.receiveBufferBytes, config_.kernelDrops), udevWatch_(),
       connection_(sdbus::createSystemBusConnection()),
       busProxy_(sdbus::createProxy(*connection_, "org.freedesktop.DBus", "/org/freedesktop/DBus")),
@@ -110,8 +128,12 @@ Daemon::Daemon(DaemonConfig config)
 
     // Last: with Type=dbus, owning the name is what tells systemd loopd is up.
     manager_->devices->announce();
-    connection_->requestName(busName);
-    log::info("loopd {} on the system bus as {}, readiness source {}", LOOPD_VERSION, busName, readinessSource());
+    if (manager_->requestName(busName))
+        log::info("loopd {} on the system bus as {}, readiness source {}", LOOPD_VERSION, busName, readinessSource());
+    else
+        log::warn("loopd {}: {} is still owned by a connection that has not left the bus (a killed loopd's, not "
+                  "yet noticed by the bus); it passes to loopd when that one goes",
+                  LOOPD_VERSION, busName);
 }
 
 Daemon::~Daemon()

@@ -72,6 +72,7 @@ private:
     [[nodiscard]] std::optional<core::Clock::time_point> nextTimer() const;
 
     DaemonConfig config_;
+    UniqueFd instanceLock_; // <runtime-dir>/lock, LOCK_EX for loopd's life
     uevent::Monitor udevMonitor_;
     uevent::Monitor kernelMonitor_;
     uevent::UdevWatch udevWatch_;

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 
-from harness import (BUS_NAME, CALL_TIMEOUT, CallError, DEVICE_IFACE, LOOPCTL, MANAGER_IFACE,
+from harness import (BUS_NAME, CALL_TIMEOUT, CallError, DEVICE_IFACE, LOOPCTL, LOOPD, MANAGER_IFACE,
                      MANAGER_PATH, busctl_attach_cmd, busctl_get_property,
                      busctl_managed_objects, busctl_wait_ready, detach_quietly, main, parse_busctl_attach,
                      read_text, run, unbound_loop_devices_with_partitions, verify_detached,
@@ -267,6 +267,25 @@ def test_restart_serves_while_readded_partitions_wait(env):
             waiter.communicate()
         for reply in (a, b):
             detach_quietly(reply["diskseq"])
+
+
+def test_one_loopd_per_runtime_dir(env):
+    """A second loopd started with the runtime dir of a running one (an admin's
+    mistake) exits 1 at once, saying so, before its recovery could adopt or
+    release the first one's devices; the first one's device stays attached,
+    listed and ready."""
+    image = env.image("gpt3")
+    reply = parse_busctl_attach(run(*busctl_attach_cmd(image.path)).stdout)
+    try:
+        second = subprocess.run([LOOPD, "--runtime-dir", os.path.join(env.tmp, "run")], capture_output=True,
+                                text=True, timeout=CALL_TIMEOUT)
+        assert second.returncode == 1, f"the second loopd exited {second.returncode}: {second.stderr}"
+        assert "another loopd is running" in second.stderr, second.stderr
+        verify_ready(reply["devnode"], reply["diskseq"], image.nparts, image.table_uuid)
+        assert reply["device"] in loopd_devices(), f"{reply['device']} is no longer listed"
+        env.assert_loopd_alive()
+    finally:
+        detach_quietly(reply["diskseq"])
 
 
 if __name__ == "__main__":
