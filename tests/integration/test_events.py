@@ -29,6 +29,7 @@ IN_FLIGHT = 8
 TIME_FACTOR = float(os.environ.get("LOOPD_TEST_TIME_FACTOR", "1"))
 # The promise: done within a second of the new udevd's start.
 RETURN_LIMIT = 1.0 * TIME_FACTOR
+UDEV_RETURN_GRACE = 1.0  # loopd's udevReturnGrace (src/service/udev_presence.cpp)
 # An attach whose events were lost, against the one-second nudge it cost before.
 LOST_EVENT_LIMIT = 0.5 * TIME_FACTOR
 
@@ -169,15 +170,27 @@ def test_udevd_restarted_with_attaches_in_flight(env):
             flight = InFlight(env, IN_FLIGHT, ["auto"] * 6 + ["udev"] * 2)
             wait_in_flight(env, IN_FLIGHT)
             kill_udevd(env)
+            killed = time.monotonic()
             time.sleep(0.3)  # the gap of a restart: part of the scenario, not a wait for loopd
             started = time.monotonic()
             env.start_udevd()
+            answering = time.monotonic()
             flight.join(held)
         finally:
             if env.udevd.poll() is not None:
                 env.start_udevd()
-        for reply, image in zip(flight.replies, flight.images):
-            verify_reply(reply, image)
+        # A new udevd that takes beyond loopd's grace to answer (seen under qemu TCG:
+        # 1.2 s) is one that did not come back in time: readiness=auto attaches then
+        # complete under kernel readiness, as the contract says, before it answers.
+        late_udevd = answering - killed > UDEV_RETURN_GRACE - 0.1
+        if late_udevd:
+            print(f"# the new udevd answered {answering - killed:.2f} s after the kill, past loopd's "
+                  f"{UDEV_RETURN_GRACE:.0f} s grace: replies before it are checked as kernel-ready")
+        for reply, image, arrived in zip(flight.replies, flight.images, flight.arrived):
+            if late_udevd and arrived < answering:
+                verify_kernel_ready(reply, image)
+            else:
+                verify_reply(reply, image)
         print(f"# {IN_FLIGHT} replies {min(flight.arrived) - started:.3f} to "
               f"{max(flight.arrived) - started:.3f} s after the new udevd's start")
         late = [f"{r['devnode']}: {t - started:.2f} s" for r, t in zip(flight.replies, flight.arrived)
