@@ -85,9 +85,10 @@ void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
 // ---- after a restart (see Daemon::recover) ----
 
 // Reopens an owned device of a record if it is still that attachment (same
-// diskseq, same backing file) and locks it; re-adds partitions that someone's
-// close-after-write wiped while no loopd held the lock. nullopt if it is gone.
-std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded);
+// diskseq, same backing file) and locks it if no one holds LOCK_EX (`locked`);
+// re-adds partitions that someone's close-after-write wiped while no loopd held
+// the lock. nullopt if it is gone.
+std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded, bool& locked);
 
 // Clears the device of a record that never became ready (or was being detached)
 // if it is still that attachment.

@@ -3,12 +3,14 @@
 #include "attach_sequence.hpp"
 #include "bus_objects.hpp"
 #include "core/options.hpp"
+#include "kernel/loop_device.hpp"
 #include "uevent/monitor.hpp"
 
 #include <loopd/error.hpp>
 #include <loopd/log.hpp>
 
 #include <algorithm>
+#include <sys/file.h>
 
 namespace loopd::service {
 
@@ -77,7 +79,8 @@ bool Recovery::adopt(const core::Record& record)
 {
     const auto before = realtimeUsec();
     bool readded = false;
-    auto fd = reopenOwned(record, readded);
+    bool locked = false;
+    auto fd = reopenOwned(record, readded, locked);
     if (!fd) {
         log::info("not adopting dev=loop{} diskseq={}: released or replaced while loopd was not running",
                   record.info.number, record.info.diskseq);
@@ -91,6 +94,8 @@ bool Recovery::adopt(const core::Record& record)
     if (record.letGo)
         fd->reset();
     device.lockFd = std::make_shared<UniqueFd>(std::move(*fd));
+    if (!locked && *device.lockFd)
+        lockLater(device.lockFd, record.info.number);
     device.options.ref = record.ref;
     device.options.lifetime = record.lifetime;
     device.options.autoclear = record.info.autoclear;
@@ -134,6 +139,22 @@ bool Recovery::adopt(const core::Record& record)
     if (stored.tiedToClient())
         clients_.push_back(diskseq);
     return true;
+}
+
+// LOCK_SH on a thread of its own, which waits as long as the holder of LOCK_EX
+// likes: it stalls nobody, and is abandoned if loopd stops first. The fd stays
+// open while it waits (the shared_ptr), even if the device goes meanwhile.
+void Recovery::lockLater(const std::shared_ptr<UniqueFd>& fd, unsigned number)
+{
+    log::info("dev=loop{} is locked by someone else: loopd takes its hold once they let go", number);
+    s_.workers.spawn([fd, number] {
+        try {
+            kernel::lockFd(fd->get(), LOCK_SH);
+        } catch (const std::exception& e) {
+            log::warn("cannot hold dev=loop{}: {}", number, e.what());
+        }
+        return WorkerPool::Continuation([] {});
+    });
 }
 
 void Recovery::awaitReadded(const std::function<void(unsigned)>& resync)

@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <vector>
 
 // Start-up after a restart: adopt what loopd owned, clean up what a crash left half
@@ -33,6 +34,7 @@ public:
 private:
     bool adoptOrRelease(const core::Record& record);
     bool adopt(const core::Record& record);
+    void lockLater(const std::shared_ptr<UniqueFd>& fd, unsigned number);
 
     struct Readded {
         uint64_t diskseq = 0;

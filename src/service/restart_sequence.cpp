@@ -61,7 +61,7 @@ void releaseDevice(int fd, unsigned number)
 
 } // namespace
 
-std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
+std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded, bool& locked)
 {
     readded = false;
     const auto& info = record.info;
@@ -70,7 +70,11 @@ std::optional<UniqueFd> reopenOwned(const core::Record& record, bool& readded)
         return std::nullopt;
     if (!isTagged(fd->get(), record))
         return std::nullopt;
-    kernel::lockFd(fd->get(), LOCK_SH);
+    // Not waited for: whoever holds LOCK_EX now (udev re-reading the table after a
+    // close-after-write, or a neighbour that stalled holding it; test_crash saw a
+    // SIGSTOPped udevd hold start-up 10 s) must not hold up the start. The hold is
+    // then taken later, off the loop (Recovery::lockLater).
+    locked = kernel::tryLockFd(fd->get(), LOCK_SH);
     // A device recorded without partitions has none to re-add: no readdir.
     if (info.partscan && !info.partitions.empty() &&
         kernel::existingPartitions(info.number).size() < info.partitions.size()) {

@@ -11,6 +11,7 @@ that was answered is done. LOOPD_CRASH_ROUNDS and LOOPD_CRASH_SEED override the
 round count and the random seed (printed, for replaying a failure).
 """
 
+import fcntl
 import json
 import os
 import random
@@ -220,8 +221,9 @@ def test_sigkill_at_random_moments(env):
 
 def test_restart_serves_while_readded_partitions_wait(env):
     """loopd killed while holding two devices; meanwhile the partitions of one are
-    deleted (a crash can cost them: udev's BLKRRPART wipes them) and udevd is
-    stopped, so re-added partitions cannot become ready. The restarted loopd owns
+    deleted (a crash can cost them: udev's BLKRRPART wipes them), udevd is
+    stopped, so re-added partitions cannot become ready, and someone holds
+    LOCK_EX on that device (udev itself did, once, when CI stopped it). The restarted loopd owns
     its name at once (5b0445e waited up to 5 s: 5.1 s here), lists the intact
     device and answers WaitReady of it; the other is not listed, and WaitReady
     of it answers once udevd runs again, with every partition ready."""
@@ -231,12 +233,17 @@ def test_restart_serves_while_readded_partitions_wait(env):
     b = parse_busctl_attach(run(*busctl_attach_cmd(plain.path)).stdout)
     stopped = False
     waiter = None
+    holder = None
     try:
         def lose_partitions():
-            nonlocal stopped
+            nonlocal stopped, holder
             os.kill(env.udevd_pid, signal.SIGSTOP)
             stopped = True
             run("partx", "-d", "--nr", f"1:{gpt.nparts}", a["devnode"])
+            # A neighbour holding LOCK_EX (as udev does while it re-reads a table)
+            # must not hold up the start either.
+            holder = os.open(a["devnode"], os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(holder, fcntl.LOCK_EX)
 
         started = time.monotonic()
         env.restart_loopd(kill=True, meanwhile=lose_partitions)
@@ -248,6 +255,8 @@ def test_restart_serves_while_readded_partitions_wait(env):
             f"listed {sorted(listed)}: expected {b['device']} only while udevd is stopped"
         again = busctl_wait_ready(b["devnode"], 1_000_000)
         verify_ready(again["devnode"], again["diskseq"], 0)
+        os.close(holder)  # udev must be able to probe it (it defers locked devices)
+        holder = None
         waiter = subprocess.Popen(["busctl", "--system", "--json=short", "call", BUS_NAME, MANAGER_PATH,
                                    MANAGER_IFACE, "WaitReady", "st", a["devnode"], "10000000"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -260,6 +269,8 @@ def test_restart_serves_while_readded_partitions_wait(env):
         verify_ready(a["devnode"], a["diskseq"], gpt.nparts, gpt.table_uuid)
         assert a["device"] in loopd_devices(), f"{a['device']} is ready but not listed"
     finally:
+        if holder is not None:
+            os.close(holder)
         if stopped:
             os.kill(env.udevd_pid, signal.SIGCONT)
         if waiter and waiter.poll() is None:
