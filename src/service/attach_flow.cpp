@@ -365,14 +365,11 @@ bool AttachFlow::awaitUdevTags(core::RequestId id)
                                  return;
                              if (result == UdevTags::Confirmation::TimedOut)
                                  return abandon(id, Errc::Timeout,
-                                                "udev did not process its properties (hidden) in time; it was "
-                                                "detached again",
-                                                true);
+                                                "udev did not process its properties (hidden) in time", true);
                              if (result == UdevTags::Confirmation::NotImported)
                                  return abandon(id, Errc::Failed,
                                                 "udev processed it without loopd's properties (hidden): the rule "
-                                                "90-loopd.rules is not in udev's rules directories; it was detached "
-                                                "again",
+                                                "90-loopd.rules is not in udev's rules directories",
                                                 true);
                              ready(id);
                          });
@@ -409,11 +406,11 @@ void AttachFlow::abandon(core::RequestId id, Errc code, const std::string& why, 
     s_.registry.cancel(id);
     s_.table.setState(job.diskseq, DeviceState::Detaching);
     const auto& device = *s_.table.find(job.diskseq);
-    const auto message = device.describe() + " for " + job.what + ": " + why;
-    s_.workers.spawn([this, id, code, message, clear, fd = device.lockFd, info = device.info,
-                      record = device.record(core::Record::State::Configured), records = s_.records] {
+    s_.workers.spawn([this, id, code, clear, fd = device.lockFd, info = device.info,
+                      message = device.describe() + " for " + job.what + ": " + why,
+                      record = device.record(core::Record::State::Configured), records = s_.records]() mutable {
         if (clear)
-            undo(std::move(*fd), info);
+            message += "; " + describe(undo(std::move(*fd), info), info);
         else
             letGo(std::move(*fd), info);
         records.remove(record);
@@ -447,7 +444,7 @@ bool AttachFlow::settle(const core::Outcome& outcome)
     else if (outcome.kind == Kind::Changed)
         abandon(id, Errc::DeviceChanged, "was detached or replaced by someone else while attaching", false);
     else
-        abandon(id, Errc::Timeout, "was not ready in time; it was detached again", true);
+        abandon(id, Errc::Timeout, "was not ready in time", true);
     return true;
 }
 

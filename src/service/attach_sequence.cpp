@@ -428,25 +428,54 @@ void letGo(UniqueFd lockFd, const DeviceInfo& info) noexcept
     }
 }
 
-void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
+Undone undo(UniqueFd lockFd, const DeviceInfo& info) noexcept
 {
     try {
         // If someone detached and re-attached the device meanwhile, it is theirs now.
         if (info.diskseq != 0 && kernel::diskseq(lockFd.get()) != info.diskseq)
-            return;
-        removePartitions(lockFd.get(), info);
+            return Undone::NotOurs;
+        try {
+            removePartitions(lockFd.get(), info);
+        } catch (const std::system_error& e) {
+            if (e.code().value() != EBUSY)
+                throw;
+            // A partition held open past BLKPG's retries also holds the disk open:
+            // LOOP_CLR_FD below only sets autoclear, and the kernel drops what is
+            // left of the partitions at the holder's last close (LO_FLAGS_PARTSCAN).
+            log::warn("undo of an attach dev={} diskseq={}: {}; it is released once that partition is closed",
+                      kernel::loopDevNode(info.number), info.diskseq, e.what());
+        }
         kernel::clear(lockFd.get());
         // The failed call's reply says nothing is left attached: wait for the
         // release that a udev worker still probing the device may delay briefly.
         closeUncopied(lockFd);
-        if (!releasedSoon(info))
-            log::warn("undo of an attach: dev={} diskseq={} is still open elsewhere; the kernel releases it at "
-                      "its last close",
-                      kernel::loopDevNode(info.number), info.diskseq);
+        if (releasedSoon(info))
+            return Undone::Detached;
+        log::warn("undo of an attach: dev={} diskseq={} is still open elsewhere; the kernel releases it at "
+                  "its last close",
+                  kernel::loopDevNode(info.number), info.diskseq);
+        return Undone::AtLastClose;
     } catch (const std::exception& e) {
         log::warn("undo of an attach failed dev={} diskseq={}: {}", kernel::loopDevNode(info.number), info.diskseq,
                   e.what());
+        return Undone::Failed;
     }
+}
+
+std::string describe(Undone undone, const DeviceInfo& info)
+{
+    const auto node = kernel::loopDevNode(info.number);
+    switch (undone) {
+    case Undone::Detached:
+        return "it was detached again";
+    case Undone::AtLastClose:
+        return node + " or one of its partitions is held open elsewhere: it is detached at the last close";
+    case Undone::NotOurs:
+        return node + " was detached and re-attached by someone else meanwhile: left to them";
+    case Undone::Failed:
+        break;
+    }
+    return "undoing it failed (see loopd's log): " + node + " is left attached";
 }
 
 } // namespace loopd::service

@@ -75,8 +75,20 @@ DetachOutcome detachDeferred(UniqueFd& lockFd, const DeviceInfo& info, DetachSte
 // DeviceRemoved means the partitions are gone too.
 void awaitPartitionsDropped(unsigned number) noexcept;
 
+// How far undoing an attach got.
+enum class Undone {
+    Detached,    // released, partitions and all
+    AtLastClose, // held open elsewhere (a partition past BLKPG's retries, a mount):
+                 // LOOP_CLR_FD only set autoclear; the holder's last close releases it
+    NotOurs,     // detached and re-attached by someone else meanwhile: left alone
+    Failed,      // logged; left attached
+};
+
 // Undoes a failed attach: the same as detach, but best effort.
-void undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
+Undone undo(UniqueFd lockFd, const DeviceInfo& info) noexcept;
+
+// What happened to the device, for the failed call's message: "it was detached again".
+std::string describe(Undone undone, const DeviceInfo& info);
 
 // Closes loopd's fd of a device someone else detached (`losetup -d` only marked it
 // for release at its last close) and waits briefly for the release.

@@ -876,11 +876,14 @@ def test_sigterm_while_a_timed_out_attach_is_undone(env):
             except (FileNotFoundError, OSError):
                 return None  # not added yet
         holder = poll(f"{devnode}p1 opened", open_partition)
+        # p2 and p3 may not be added yet when p1 is: only once loopd has logged
+        # all three added does their absence mean the undo removed them.
+        poll("loopd's log line for the configured attach",
+             lambda: "partitions added: p1 p2 p3" in read_text(env.loopd_log))
         poll(f"{devnode}p3 and p2 removed by the undo after the timeout",
              lambda: not any(os.path.exists(f"/sys/block/{name}/{name}p{k}") for k in (2, 3)))
         env.loopd.send_signal(signal.SIGTERM)
-        with open(env.loopd_log) as log:
-            poll("loopd's log line for SIGTERM", lambda: "signal 15 received" in log.read())
+        poll("loopd's log line for SIGTERM", lambda: "signal 15 received" in read_text(env.loopd_log))
         os.close(holder)  # the undo goes on: partition 1, LOOP_CLR_FD, the release
         holder = None
         try:
@@ -908,6 +911,54 @@ def test_sigterm_while_a_timed_out_attach_is_undone(env):
             detach_quietly(call.result["diskseq"])
         if env.loopd.poll() is not None:
             env._start_loopd()
+
+
+def test_timed_out_attach_with_a_partition_held_is_released_at_its_close(env):
+    """An attach that timed out is undone; someone holds partition 1 open past the
+    undo's BLKPG retries (5 s). The reply says so (Timeout naming the image and
+    that the device is detached at the last close), and the holder's close does
+    release it, partitions and all. Failed before: the reply said "it was
+    detached again" while the device stayed attached after the close (leaked)."""
+    env.require_own_udevd()
+    image = env.image("gpt3")
+    os.kill(env.udevd_pid, signal.SIGSTOP)
+    paused, holder, call = True, None, None
+    try:
+        call = Background(attach, image.path, readiness=dbus.String("udev"),
+                          timeout_usec=dbus.UInt64(1_000_000))
+        backing = os.path.realpath(image.path)
+        devnode = poll(f"{image.path} attached", lambda: next(
+            (dev for dev, f in env.attached_here() if f == backing), None))
+        name = loop_name(devnode)
+        diskseq = sysfs(name, "diskseq")
+
+        def open_partition():
+            try:
+                return os.open(devnode + "p1", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None  # not added yet
+        holder = poll(f"{devnode}p1 opened", open_partition)
+        call.wait(CALL_TIMEOUT, "Attach")
+        e = call.error
+        assert isinstance(e, CallError) and e.name == ERROR_PREFIX + "Timeout", \
+            f"Attach: {e or call.result}, expected {ERROR_PREFIX}Timeout"
+        assert image.path in e.message and "detached at the last close" in e.message, \
+            f"the Timeout does not say the device waits for its last close: {e.message!r}"
+        assert sysfs(name, "diskseq") == diskseq and sysfs(name, "loop/autoclear") == "1", \
+            f"{devnode} is not the attachment, marked autoclear, while its partition is held"
+        os.close(holder)
+        holder = None
+        poll(f"{devnode} released at its last close", lambda: sysfs(name, "diskseq") != diskseq)
+        poll(f"{devnode}'s partitions dropped",
+             lambda: not any(os.path.exists(f"/sys/block/{name}/{name}p{k}") for k in (1, 2, 3)))
+    finally:
+        if holder is not None:
+            os.close(holder)
+        if paused:
+            os.kill(env.udevd_pid, signal.SIGCONT)
+        if call is not None and call.done.wait(CALL_TIMEOUT) and call.result:
+            detach_quietly(call.result["diskseq"])
+
 
 if __name__ == "__main__":
     main(globals())
