@@ -68,6 +68,26 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 """
 
 
+def _leaked_loop_devices(directory):
+    """Loop devices still bound to a file under `directory`. One marked autoclear (a
+    foreign `losetup -d` while a udev worker still had it open: the kernel releases
+    it at that last close) is given a few seconds to go first."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        found = loop_devices_backed_under(directory)
+        pending = [dev for dev, _ in found if _autoclear(dev)]
+        if not pending or len(pending) < len(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _autoclear(devnode):
+    try:
+        return read_text(f"/sys/block/{os.path.basename(devnode)}/loop/autoclear") == "1"
+    except OSError:
+        return False
+
+
 def _pid_alive(pid):
     """True for a running process; a zombie (state Z) is dead."""
     try:
@@ -349,7 +369,7 @@ class Env:
         if self._journal_entered:
             self.journal.__exit__(None, None, None)
         if self.tmp is not None:
-            for devnode, backing in loop_devices_backed_under(self.tmp):
+            for devnode, backing in _leaked_loop_devices(self.tmp):
                 problems.append(f"leaked loop device {devnode} backed by {backing}")
                 force_detach(devnode)
             for devnode in sorted(unbound_loop_devices_with_partitions() - self.stale_before):

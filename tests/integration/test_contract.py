@@ -787,13 +787,20 @@ def test_release_not_confirmed_in_time_is_timeout(env):
     sysfs has nothing to show: the release is never confirmed. The caller gets
     Timeout, DeviceRemoved says `timeout`, and the device is gone with its link.
     Failed before: the caller got Timeout, but DeviceRemoved said `detached`."""
+    env.require_own_udevd()
     env.restart_loopd(kill=False, loopd_args=["--test-drop", "random:1", "--test-drop", "kernel:random:1"])
     image = env.image("gpt3")
     reply = attach(image.path, ref=dbus.String("gone"))  # ready by udev's database (the nudge)
     name, number = loop_name(reply["devnode"]), int(loop_name(reply["devnode"])[4:])
-    watcher, detach, removed = None, None, False
+    watcher, detach, removed, paused = None, None, False, False
     try:
         verify_reply(reply, image)
+        # No udev worker may hold the released device open when this test removes
+        # it (LOOP_CTL_REMOVE is EBUSY then): udevd finishes what it has, then
+        # pauses; loopd sees none of its events here anyway.
+        run("udevadm", "settle", "--timeout=30")
+        os.kill(env.udevd_pid, signal.SIGSTOP)
+        paused = True
         watcher = SignalWatcher()
         started = time.monotonic()
         detach = Background(detach_call, reply["diskseq"])
@@ -832,6 +839,8 @@ def test_release_not_confirmed_in_time_is_timeout(env):
         assert not problems, "after Timeout: " + "; ".join(problems)
         print(f"# Detach answered Timeout after {took:.1f} s")
     finally:
+        if paused:
+            os.kill(env.udevd_pid, signal.SIGCONT)
         if watcher:
             watcher.close()
         if detach is None:
@@ -865,8 +874,10 @@ def test_sigterm_while_a_timed_out_attach_is_undone(env):
     os.kill(env.udevd_pid, signal.SIGSTOP)
     paused, holder, call = True, None, None
     try:
+        # udevd is paused: readiness never comes, and the deadline only says when
+        # the undo starts. 3 s: the configure and partitions come well before it.
         call = Background(attach, image.path, readiness=dbus.String("udev"),
-                          timeout_usec=dbus.UInt64(1_000_000))
+                          timeout_usec=dbus.UInt64(3_000_000))
         backing = os.path.realpath(image.path)
         devnode = poll(f"{image.path} attached", lambda: next(
             (dev for dev, f in env.attached_here() if f == backing), None))
@@ -926,8 +937,10 @@ def test_timed_out_attach_with_a_partition_held_is_released_at_its_close(env):
     os.kill(env.udevd_pid, signal.SIGSTOP)
     paused, holder, call = True, None, None
     try:
+        # udevd is paused: readiness never comes, and the deadline only says when
+        # the undo starts. 3 s: the configure and partitions come well before it.
         call = Background(attach, image.path, readiness=dbus.String("udev"),
-                          timeout_usec=dbus.UInt64(1_000_000))
+                          timeout_usec=dbus.UInt64(3_000_000))
         backing = os.path.realpath(image.path)
         devnode = poll(f"{image.path} attached", lambda: next(
             (dev for dev, f in env.attached_here() if f == backing), None))

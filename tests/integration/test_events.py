@@ -12,13 +12,12 @@ flight polls sysfs for their devices (a condition, not a sleep for readiness).
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import dbus
 
-from harness import (CALL_TIMEOUT, MANAGER_IFACE, MANAGER_PATH, Parallel, busctl_detach,
+from harness import (CALL_TIMEOUT, MANAGER_IFACE, MANAGER_PATH, busctl_detach,
                      busctl_get_property, detaching, loop_name, main, partition_nodes_in_dev,
                      partition_numbers_in_sysfs, pydbus_attach, pydbus_options, read_text,
                      read_uevent, verify_detached, verify_reply)
@@ -135,7 +134,10 @@ class InFlight:
 
     def _attach(self, i):
         try:
-            options = pydbus_options(readiness=dbus.String(self.readiness[i]))
+            # loopd's default 10 s, scaled as this file's limits are (qemu TCG):
+            # the deadline only has to outlast udevd's stop, restart and catch-up.
+            options = pydbus_options(readiness=dbus.String(self.readiness[i]),
+                                     timeout_usec=dbus.UInt64(int(10_000_000 * TIME_FACTOR)))
             self.replies[i] = pydbus_attach(self.images[i].path, options)
         except Exception as e:  # reported by join()
             self.errors[i] = e

@@ -45,14 +45,15 @@ def test_one_attachment_story(env):
     except BaseException:
         detach_quietly(diskseq)
         raise
-    attached = story(env, diskseq)
     busctl_detach(diskseq)
     verify_detached(devnode, diskseq)
     entries = story(env, diskseq)
 
     configured = one(entries, rf"^configured dev={devnode} diskseq={diskseq} file={re.escape(image.path)} .*"
                               r"partitions added: p1 p2 p3$", "configured")
-    ready = one(attached, rf"^attached dev={devnode} diskseq={diskseq} partitions=3 .* uid=0 .*authorized "
+    # Read after the detach: the "attached" line, which times the reply, is
+    # written just after the reply is sent.
+    ready = one(entries, rf"^attached dev={devnode} diskseq={diskseq} partitions=3 .* uid=0 .*authorized "
                           r"[\d.]+, configured [\d.]+, partitions added [\d.]+, disk ready [\d.]+, "
                           r"last partition ready [\d.]+, reply [\d.]+", "the attach's timeline")
     asked = one(entries, rf"^detach of dev={devnode} diskseq={diskseq} asked by uid=0 ", "who detached")
