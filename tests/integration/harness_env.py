@@ -257,7 +257,7 @@ class Env:
         conn = dbus.bus.BusConnection(os.environ["DBUS_SYSTEM_BUS_ADDRESS"])
         try:
             deadline = time.monotonic() + DAEMON_START_LIMIT
-            while not conn.name_has_owner(BUS_NAME):
+            while not self._owns_name(conn):
                 assert self.loopd.poll() is None, \
                     f"loopd exited with status {self.loopd.returncode} before owning {BUS_NAME}"
                 assert time.monotonic() < deadline, \
@@ -270,6 +270,17 @@ class Env:
             assert source == "udev", f"loopd's ReadinessSource is {source!r} with udevd running"
         finally:
             conn.close()
+
+    def _owns_name(self, conn):
+        """Whether this loopd owns BUS_NAME. Not just "someone does": right after a
+        SIGKILL the bus may not have noticed the killed one's hang-up yet, and
+        a call to the name then went to the dead connection (NoReply, CI)."""
+        try:
+            pid = conn.call_blocking("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                     "GetConnectionUnixProcessID", "s", [BUS_NAME])
+        except dbus.DBusException:
+            return False  # no owner yet
+        return pid == self.loopd.pid
 
     # ---- per-test helpers
 
