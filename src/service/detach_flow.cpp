@@ -4,6 +4,7 @@
 #include "device_objects.hpp"
 #include "errors.hpp"
 #include "kernel/loop_device.hpp"
+#include "udev_tags.hpp"
 
 #include <loopd/error.hpp>
 #include <loopd/log.hpp>
@@ -256,6 +257,10 @@ void DetachFlow::confirmed(core::RequestId id, bool timedOut)
     log::info("detached dev={} reason={} by {}{} in {} ms: claims checked {}, cleared {}, released {}, confirmed {}",
               dev, reasonName(reason), who, timedOut ? " (release not confirmed in time)" : "", at(core::Clock::now()),
               at(steps.claimsChecked), at(steps.cleared), at(steps.released), at(core::Clock::now()));
+    // udev's properties of a hidden device go before the reply says it is gone
+    // (the table's removal below, which also drops them, comes after it).
+    if (s_.table.find(diskseq)->options.hidden)
+        s_.udevTags->remove(diskseq);
     // Reply first: a Device.Detach call's reply needs its object still registered.
     reply(id, timedOut ? std::make_exception_ptr(Error(Errc::Timeout, dev + " was released, but udev did not "
                                                                             "confirm the removal in time"))

