@@ -857,6 +857,25 @@ def test_release_not_confirmed_in_time_is_timeout(env):
 
 # --------------------------------------------------------------------------- 9. an attach abandoned once
 
+def attach_bound_to_time_out(env, image):
+    """With udevd paused, an Attach(readiness=udev) of image in the background,
+    which will time out: (the call, the devnode it was configured on). The
+    deadline only says when the undo starts; 3 s, well after the configure."""
+    call = Background(attach, image.path, readiness=dbus.String("udev"), timeout_usec=dbus.UInt64(3_000_000))
+    backing = os.path.realpath(image.path)
+    devnode = poll(f"{image.path} attached", lambda: next(
+        (dev for dev, f in env.attached_here() if f == backing), None))
+    return call, devnode
+
+
+def open_or_none(node):
+    """A read-only fd of node, or None while it does not exist yet."""
+    try:
+        return os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 def test_sigterm_while_a_timed_out_attach_is_undone(env):
     """Hole 9, "shutdown can abandon an attach twice": SIGTERM while an attach
     that timed out is being undone. udevd is paused, so readiness=udev never
@@ -874,21 +893,9 @@ def test_sigterm_while_a_timed_out_attach_is_undone(env):
     os.kill(env.udevd_pid, signal.SIGSTOP)
     paused, holder, call = True, None, None
     try:
-        # udevd is paused: readiness never comes, and the deadline only says when
-        # the undo starts. 3 s: the configure and partitions come well before it.
-        call = Background(attach, image.path, readiness=dbus.String("udev"),
-                          timeout_usec=dbus.UInt64(3_000_000))
-        backing = os.path.realpath(image.path)
-        devnode = poll(f"{image.path} attached", lambda: next(
-            (dev for dev, f in env.attached_here() if f == backing), None))
+        call, devnode = attach_bound_to_time_out(env, image)
         name = loop_name(devnode)
-
-        def open_partition():
-            try:
-                return os.open(devnode + "p1", os.O_RDONLY | os.O_CLOEXEC)
-            except (FileNotFoundError, OSError):
-                return None  # not added yet
-        holder = poll(f"{devnode}p1 opened", open_partition)
+        holder = poll(f"{devnode}p1 opened", lambda: open_or_none(devnode + "p1"))
         # p2 and p3 may not be added yet when p1 is: only once loopd has logged
         # all three added does their absence mean the undo removed them.
         poll("loopd's log line for the configured attach",
@@ -937,22 +944,10 @@ def test_timed_out_attach_with_a_partition_held_is_released_at_its_close(env):
     os.kill(env.udevd_pid, signal.SIGSTOP)
     paused, holder, call = True, None, None
     try:
-        # udevd is paused: readiness never comes, and the deadline only says when
-        # the undo starts. 3 s: the configure and partitions come well before it.
-        call = Background(attach, image.path, readiness=dbus.String("udev"),
-                          timeout_usec=dbus.UInt64(3_000_000))
-        backing = os.path.realpath(image.path)
-        devnode = poll(f"{image.path} attached", lambda: next(
-            (dev for dev, f in env.attached_here() if f == backing), None))
+        call, devnode = attach_bound_to_time_out(env, image)
         name = loop_name(devnode)
         diskseq = sysfs(name, "diskseq")
-
-        def open_partition():
-            try:
-                return os.open(devnode + "p1", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return None  # not added yet
-        holder = poll(f"{devnode}p1 opened", open_partition)
+        holder = poll(f"{devnode}p1 opened", lambda: open_or_none(devnode + "p1"))
         call.wait(CALL_TIMEOUT, "Attach")
         e = call.error
         assert isinstance(e, CallError) and e.name == ERROR_PREFIX + "Timeout", \
