@@ -12,10 +12,10 @@ namespace {
 
 const Value& property(const Device& device, const char* key)
 {
-    const auto it = device.props.find(key);
-    if (it == device.props.end())
+    const auto* value = device.props.find(key);
+    if (!value)
         throw Failure(std::string(device.object) + ": loopd sent no property " + key);
-    return it->second;
+    return *value;
 }
 
 template <typename T> T typed(const Device& device, const char* key, const char* type)
@@ -100,15 +100,19 @@ Value readVariant(sd_bus_message* m)
     return value;
 }
 
-// a{sv}
-Properties readProperties(sd_bus_message* m)
+// a{sv}; with `only`, the properties it names and no others.
+Properties readProperties(sd_bus_message* m, const std::vector<std::string>& only)
 {
     Properties props;
+    props.reserve(only.empty() ? 24 : only.size()); // loopd sends 19
     enter(m, 'a', "{sv}");
     int r;
     while ((r = sd_bus_message_enter_container(m, 'e', "sv")) > 0) {
-        auto key = text(m, 's');
-        props.emplace(std::move(key), readVariant(m));
+        const char* key = basic<const char*>(m, 's');
+        if (only.empty() || std::find(only.begin(), only.end(), key) != only.end())
+            props.emplace(key, readVariant(m));
+        else
+            check(sd_bus_message_skip(m, "v"), "v");
         exit(m);
     }
     check(r, "{sv}");
@@ -117,7 +121,7 @@ Properties readProperties(sd_bus_message* m)
 }
 
 // a{oa{sa{sv}}}: the org.loopd1.Device objects, nothing of other interfaces.
-std::vector<Device> readDevices(sd_bus_message* m)
+std::vector<Device> readDevices(sd_bus_message* m, const std::vector<std::string>& only)
 {
     std::vector<Device> devices;
     enter(m, 'a', "{oa{sa{sv}}}");
@@ -128,7 +132,7 @@ std::vector<Device> readDevices(sd_bus_message* m)
         int e;
         while ((e = sd_bus_message_enter_container(m, 'e', "sa{sv}")) > 0) {
             if (std::strcmp(basic<const char*>(m, 's'), deviceInterface) == 0)
-                devices.push_back({object, readProperties(m)});
+                devices.push_back({object, readProperties(m, only)});
             else
                 check(sd_bus_message_skip(m, "a{sv}"), "a{sv}");
             exit(m);
@@ -142,7 +146,25 @@ std::vector<Device> readDevices(sd_bus_message* m)
     return devices;
 }
 
+bool byName(const Properties::Entry& entry, std::string_view name)
+{
+    return entry.first < name;
+}
+
 } // namespace
+
+void Properties::emplace(std::string name, Value value)
+{
+    const auto at = std::lower_bound(entries_.begin(), entries_.end(), std::string_view(name), byName);
+    if (at == entries_.end() || at->first != name)
+        entries_.emplace(at, std::move(name), std::move(value));
+}
+
+const Value* Properties::find(std::string_view name) const
+{
+    const auto at = std::lower_bound(entries_.begin(), entries_.end(), name, byName);
+    return at != entries_.end() && at->first == name ? &at->second : nullptr;
+}
 
 Value::Value(const sdbus::Variant& variant)
 {
@@ -201,16 +223,25 @@ Json toJson(const sdbus::Variant& value)
 
 std::string toText(const Value& value)
 {
-    const auto json = toJson(value);
-    if (json.is_string())
-        return json.get<std::string>();
-    if (json.is_array()) {
-        std::string joined;
-        for (const auto& item : json)
-            joined += (joined.empty() ? "" : " ") + item.get<std::string>();
-        return joined;
-    }
-    return json.dump();
+    // As toJson would print it, without making JSON of every cell of a list.
+    return std::visit(
+        [&](const auto& data) -> std::string {
+            using T = std::decay_t<decltype(data)>;
+            if constexpr (std::is_same_v<T, std::monostate>)
+                return "(" + value.type() + ")";
+            else if constexpr (std::is_same_v<T, std::string>)
+                return data;
+            else if constexpr (std::is_same_v<T, bool>)
+                return data ? "true" : "false";
+            else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+                std::string joined;
+                for (const auto& item : data)
+                    joined += (joined.empty() ? "" : " ") + item;
+                return joined;
+            } else
+                return std::to_string(data);
+        },
+        value.data());
 }
 
 std::string toText(const sdbus::Variant& value)
@@ -226,13 +257,13 @@ Json deviceJson(const Device& device)
     return out;
 }
 
-std::vector<Device> listDevices(sdbus::IConnection& connection)
+std::vector<Device> listDevices(sdbus::IConnection& connection, const std::vector<std::string>& only)
 {
     // A proxy on a connection it does not own starts no thread (sdbus-c++ 1.2).
     auto proxy = sdbus::createProxy(connection, busName, managerPath);
     auto call = proxy->createMethodCall("org.freedesktop.DBus.ObjectManager", "GetManagedObjects");
     const auto reply = proxy->callMethod(call);
-    auto devices = readDevices(RawMessage::of(reply));
+    auto devices = readDevices(RawMessage::of(reply), only);
     // Keys looked up once per device, not twice per comparison.
     std::vector<std::pair<std::pair<uint32_t, uint64_t>, std::size_t>> order;
     order.reserve(devices.size());

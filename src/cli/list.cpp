@@ -13,7 +13,8 @@ namespace {
 
 struct Column {
     const char* name;
-    bool right; // numbers people compare by size read better right-aligned
+    bool right;           // numbers people compare by size read better right-aligned
+    const char* property; // the one property it shows
     std::function<std::string(const Device&, const ListOptions&)> value;
 };
 
@@ -34,19 +35,21 @@ const std::vector<Column>& columns()
     using D = const Device&;
     using O = const ListOptions&;
     static const std::vector<Column> all{
-        {"DEVICE", false, [](D d, O) { return d.text("DevNode"); }},
-        {"DISKSEQ", false, [](D d, O) { return std::to_string(d.u64("DiskSeq")); }},
-        {"REF", false, [](D d, O) { return d.text("Ref"); }},
-        {"PARTS", false, [](D d, O) { return std::to_string(d.strings("Partitions").size()); }},
-        {"SIZE", true, [](D d, O o) { return o.bytes ? std::to_string(d.u64("Size")) : iecSize(d.u64("Size")); }},
-        {"RO", false, [](D d, O) { return flag(d.flag("ReadOnly")); }},
-        {"DIO", false, [](D d, O) { return flag(d.flag("DirectIO")); }},
-        {"AUTOCLEAR", false, [](D d, O) { return flag(d.flag("Autoclear")); }},
-        {"LIFETIME", false, [](D d, O) { return d.text("Lifetime"); }},
-        {"OWNER", false, [](D d, O) { return userName(d.u32("OwnerUid")); }},
-        {"READY-SINCE", false, [](D d, O) { return localTime(d.u64("ReadyTimestamp"), "%Y-%m-%d %H:%M:%S"); }},
-        {"BACKING-FILE", false, [](D d, O) { return d.text("BackingFile"); }},
-        {"BACKING-INODE", false, [](D d, O) { return std::to_string(d.u64("BackingInode")); }},
+        {"DEVICE", false, "DevNode", [](D d, O) { return d.text("DevNode"); }},
+        {"DISKSEQ", false, "DiskSeq", [](D d, O) { return std::to_string(d.u64("DiskSeq")); }},
+        {"REF", false, "Ref", [](D d, O) { return d.text("Ref"); }},
+        {"PARTS", false, "Partitions", [](D d, O) { return std::to_string(d.strings("Partitions").size()); }},
+        {"SIZE", true, "Size",
+         [](D d, O o) { return o.bytes ? std::to_string(d.u64("Size")) : iecSize(d.u64("Size")); }},
+        {"RO", false, "ReadOnly", [](D d, O) { return flag(d.flag("ReadOnly")); }},
+        {"DIO", false, "DirectIO", [](D d, O) { return flag(d.flag("DirectIO")); }},
+        {"AUTOCLEAR", false, "Autoclear", [](D d, O) { return flag(d.flag("Autoclear")); }},
+        {"LIFETIME", false, "Lifetime", [](D d, O) { return d.text("Lifetime"); }},
+        {"OWNER", false, "OwnerUid", [](D d, O) { return userName(d.u32("OwnerUid")); }},
+        {"READY-SINCE", false, "ReadyTimestamp",
+         [](D d, O) { return localTime(d.u64("ReadyTimestamp"), "%Y-%m-%d %H:%M:%S"); }},
+        {"BACKING-FILE", false, "BackingFile", [](D d, O) { return d.text("BackingFile"); }},
+        {"BACKING-INODE", false, "BackingInode", [](D d, O) { return std::to_string(d.u64("BackingInode")); }},
     };
     return all;
 }
@@ -103,6 +106,16 @@ std::vector<std::string> listColumns()
 void checkColumns(const std::string& spec)
 {
     select(spec);
+}
+
+std::vector<std::string> listedProperties(const ListOptions& options)
+{
+    if (options.json)
+        return {};
+    std::vector<std::string> names{"Number", "DiskSeq"}; // the order of the rows
+    for (const auto* column : select(options.columns))
+        names.emplace_back(column->property);
+    return names;
 }
 
 void printList(std::ostream& out, const std::vector<Device>& devices, const ListOptions& options)

@@ -24,6 +24,9 @@ inline constexpr const char* defaultListColumns = "DEVICE,DISKSEQ,REF,PARTS,SIZE
 
 // Throws UsageError naming the first unknown column of `spec` (-o's argument).
 void checkColumns(const std::string& spec);
+// The properties the table needs (listDevices reads only those), or none for
+// --json, which prints them all. Throws UsageError for an unknown column.
+std::vector<std::string> listedProperties(const ListOptions& options);
 // Prints `devices` (already sorted) as `options` says. Throws UsageError for an
 // unknown column, before printing anything.
 void printList(std::ostream& out, const std::vector<Device>& devices, const ListOptions& options);

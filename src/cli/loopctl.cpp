@@ -346,7 +346,8 @@ int main(int argc, char** argv)
         if (const auto code = loopctl::runFindResize(*connection, findResize))
             return *code;
         if (*listCmd) {
-            loopctl::printList(std::cout, loopctl::listDevices(*connection), listOptions);
+            loopctl::printList(std::cout, loopctl::listDevices(*connection, loopctl::listedProperties(listOptions)),
+                               listOptions);
             return 0;
         }
         if (*waitCmd)

@@ -4,6 +4,8 @@
 
 #include "journal_sink.hpp"
 
+#include <loopd/utf8.hpp>
+
 #include <spdlog/logger.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <sys/stat.h>
@@ -84,9 +86,15 @@ std::string escaped(std::string_view text)
 {
     std::string out;
     out.reserve(text.size());
-    for (const char c : text) {
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        const char c = text[i];
         const auto byte = static_cast<unsigned char>(c);
-        if (byte >= 0x20 && byte != 0x7f && c != '\\')
+        // journalctl shows a message that is not UTF-8 as "[N blob data]", and a
+        // file name in it need not be: what is not is written as \xNN.
+        if (const auto n = byte >= 0x80 ? validUtf8Character(text.substr(i)) : 0; n > 0) {
+            out.append(text.substr(i, n));
+            i += n - 1;
+        } else if (byte >= 0x20 && byte != 0x7f && c != '\\' && byte < 0x80)
             out += c;
         else if (c == '\n')
             out += "\\n";

@@ -21,7 +21,7 @@ import time
 import dbus
 import dbus.lowlevel
 
-from harness import (LOOPCTL, Env, detach_quietly, loop_numbers, pydbus_attach, pydbus_call, pydbus_options,
+from harness import (LOOPCTL, LOOPD, Env, detach_quietly, loop_numbers, pydbus_attach, pydbus_call, pydbus_options,
                      remove_loop_devices, verify_reply)
 
 THREADS = 8
@@ -61,7 +61,7 @@ def managed_objects_ms():
     return (time.monotonic() - started) * 1000
 
 
-def managed_objects_raw_ms(rounds=5):
+def managed_objects_raw_ms(rounds=5, name="org.loopd1"):
     """The call's round trip without decoding the reply (libdbus reads and
     validates it, dbus-python makes no objects of it): loopd and dbus-daemon,
     not the client. The best of a few, on one connection."""
@@ -69,7 +69,7 @@ def managed_objects_raw_ms(rounds=5):
     try:
         best = float("inf")
         for _ in range(rounds):
-            call = dbus.lowlevel.MethodCallMessage("org.loopd1", "/org/loopd1", "org.freedesktop.DBus.ObjectManager",
+            call = dbus.lowlevel.MethodCallMessage(name, "/org/loopd1", "org.freedesktop.DBus.ObjectManager",
                                                    "GetManagedObjects")
             started = time.monotonic()
             conn.send_message_with_reply_and_block(call, 60)
@@ -77,6 +77,33 @@ def managed_objects_raw_ms(rounds=5):
         return best
     finally:
         conn.close()
+
+
+FLOOR = os.path.join(os.path.dirname(LOOPD), "tests", "bench", "loopd-managed-floor")
+FLOOR_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor-bus-policy.conf")
+FLOOR_NAME = "org.loopd1.bench.Floor"
+
+
+class Floor:
+    """loopd-managed-floor serving a copy of loopd's reply as it is now: the same
+    bytes from a server that spends nothing on them, so that what is left of a
+    round trip is dbus-daemon and the client."""
+
+    def __enter__(self):
+        self.server = subprocess.Popen([FLOOR, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.server.stdout.readline().strip() == "ready", "loopd-managed-floor did not start"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stdin.close()
+        self.server.wait(timeout=10)
+
+
+def sdbus_managed_objects_ms(name, rounds=5):
+    """The best round trip through sd-bus, reading nothing of the reply: what
+    loopd and dbus-daemon take, as loopctl, busctl and systemd's tools see it."""
+    return float(subprocess.run([FLOOR, "call", name, str(rounds)], check=True, capture_output=True,
+                                text=True).stdout)
 
 
 def best_of(argv, rounds=5):
@@ -184,7 +211,14 @@ def targets_table(count, first, last, attach_none, restarts, rss):
     rows = [
         ("attach median, GPT 3 parts (ms)", "≤ 1.1 × none held", attach_none, last["attach"],
          last["attach"] <= 1.1 * attach_none),
-        ("GetManagedObjects round trip, no decoding (ms)", "≤ 50", first["raw"], last["raw"], last["raw"] <= 50),
+        ("GetManagedObjects round trip, sd-bus client, reply not read (ms)", "≤ 50", first["sdbus"], last["sdbus"],
+         last["sdbus"] <= 50),
+        ("― the same reply from a server that only copies it (floor, ms)", "-", first["sdbus_floor"],
+         last["sdbus_floor"], None),
+        ("GetManagedObjects round trip, libdbus client, reply validated, not decoded (ms)", "≤ 50", first["raw"],
+         last["raw"], last["raw"] <= 50),
+        ("― the same reply from a server that only copies it (floor, ms)", "-", first["raw_floor"],
+         last["raw_floor"], None),
         ("GetManagedObjects, busctl (ms)", "≤ 50", first["busctl"], last["busctl"], last["busctl"] <= 50),
         ("GetManagedObjects, python3-dbus (ms)", "≤ 50", first["python"], last["python"], last["python"] <= 50),
         ("loopctl list (ms)", "≤ 100", first["list"], last["list"], last["list"] <= 100),
@@ -198,7 +232,8 @@ def targets_table(count, first, last, attach_none, restarts, rss):
     for name, target, base, value, met in rows:
         ratio = f"{value / base:.2f}" if base else "-"
         base_text = f"{base:.1f}" if base is not None else "-"
-        print(f"| {name} | {target} | {base_text} | {value:.1f} | {ratio} | {'yes' if met else 'no'} |", flush=True)
+        met_text = "-" if met is None else "yes" if met else "no"
+        print(f"| {name} | {target} | {base_text} | {value:.1f} | {ratio} | {met_text} |", flush=True)
     return rows
 
 
@@ -213,8 +248,8 @@ def summary_table(count, runs):
         for rows in runs:
             _, _, base, value, _ = rows[i]
             cells.append(f"{value:.1f}" + (f" ({value / base:.2f} ×)" if base else ""))
-        met = sum(1 for rows in runs if rows[i][4])
-        print(f"| {name} | {target} | " + " | ".join(cells) + f" | {met} of {len(runs)} |", flush=True)
+        met = "-" if runs[0][i][4] is None else f"{sum(1 for rows in runs if rows[i][4])} of {len(runs)}"
+        print(f"| {name} | {target} | " + " | ".join(cells) + f" | {met} |", flush=True)
 
 
 def main():
@@ -242,16 +277,16 @@ def main():
 
 
 def run(args, count):
-    with Env() as env:
+    with Env(bus_policies=[FLOOR_POLICY]) as env:
         held, lock = [], threading.Lock()
         marks = sorted({0, count // 2, count})
         rss, figures, samples = {}, {}, {}
         restarts = [restart(env, held)]  # the baseline: nothing to adopt
         pid = env.loopd.pid
-        print("| held | loopd RSS (MiB) | loopd fds | attach median (ms, GPT 3 parts) | GetManagedObjects, "
-              "no decoding (ms) | GetManagedObjects, python3-dbus (ms) | GetManagedObjects, busctl (ms) | "
-              "loopctl list (ms) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| held | loopd RSS (MiB) | loopd fds | attach median (ms, GPT 3 parts) | GetManagedObjects, sd-bus, "
+              "not read (ms) / floor | GetManagedObjects, libdbus, not decoded (ms) / floor | GetManagedObjects, "
+              "python3-dbus (ms) | GetManagedObjects, busctl (ms) | loopctl list (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         try:
             for mark in marks:
                 attach_all(env, held, lock, mark - len(held))
@@ -260,10 +295,15 @@ def run(args, count):
                 hook(args.hook, env, held)
                 samples[mark] = attach_latency(env)
                 f = figures[mark] = {"attach": statistics.median(samples[mark]), "raw": managed_objects_raw_ms(),
+                                     "sdbus": sdbus_managed_objects_ms("org.loopd1"),
                                      "python": managed_objects_ms(), "busctl": busctl_managed_objects_ms(),
                                      "list": loopctl_list_ms()}
-                print(f"| {mark} | {rss[mark] / 1024:.2f} | {fds(pid)} | {f['attach']:.1f} | {f['raw']:.1f} | "
-                      f"{f['python']:.1f} | {f['busctl']:.1f} | {f['list']:.1f} |", flush=True)
+                with Floor():
+                    f["raw_floor"] = managed_objects_raw_ms(name=FLOOR_NAME)
+                    f["sdbus_floor"] = sdbus_managed_objects_ms(FLOOR_NAME)
+                print(f"| {mark} | {rss[mark] / 1024:.2f} | {fds(pid)} | {f['attach']:.1f} | {f['sdbus']:.1f} / "
+                      f"{f['sdbus_floor']:.1f} | {f['raw']:.1f} / {f['raw_floor']:.1f} | {f['python']:.1f} | "
+                      f"{f['busctl']:.1f} | {f['list']:.1f} |", flush=True)
             restarts.append(restart(env, held, args.perf_restart))
             pid = env.loopd.pid
             # Memory is judged per attached device: the slope, not a total.

@@ -67,5 +67,6 @@ def run(*cmd, check=True, timeout=CALL_TIMEOUT + 30, **kw):
 
 
 def read_text(path):
-    with open(path) as f:
+    # A log may quote a file name, which is any bytes.
+    with open(path, errors="backslashreplace") as f:
         return f.read().strip()

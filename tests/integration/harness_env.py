@@ -126,7 +126,7 @@ class Env:
     if loopd died or misbehaved on SIGTERM, or if any loop device backed by the temp
     dir is left (after removing it)."""
 
-    def __init__(self, loopd_args=(), polkit=False, polkit_rules=None, journal=False):
+    def __init__(self, loopd_args=(), polkit=False, polkit_rules=None, journal=False, bus_policies=()):
         """polkit=True also runs Debian's polkitd on the private bus: its bus policy
         is included, dbus/org.loopd1.policy goes to polkit's actions directory and
         `polkit_rules` (JavaScript, if given) to /etc/polkit-1/rules.d for the
@@ -134,8 +134,10 @@ class Env:
         exit. The temp dir becomes searchable (0711) so that polkitd, which drops
         to the polkitd user, and test users can reach the bus socket.
         journal=True runs a systemd-journald (Journald) and gives loopd a journal
-        stream as stdout and stderr, with JOURNAL_STREAM set, as systemd does."""
+        stream as stdout and stderr, with JOURNAL_STREAM set, as systemd does.
+        bus_policies: more policy files the bus includes (the bench's own server)."""
         self.loopd_args = list(loopd_args)
+        self.bus_policies = list(bus_policies)
         self.polkit = polkit
         self.polkit_rules = polkit_rules
         self.journal = Journald() if journal else None
@@ -176,7 +178,8 @@ class Env:
         socket = os.path.join(self.tmp, "bus")
         config = os.path.join(self.tmp, "bus.conf")
         with open(config, "w") as f:
-            extra = f"\n  <include>{POLKIT_BUS_POLICY}</include>" if self.polkit else ""
+            includes = ([POLKIT_BUS_POLICY] if self.polkit else []) + self.bus_policies
+            extra = "".join(f"\n  <include>{policy}</include>" for policy in includes)
             f.write(BUS_CONFIG.format(socket=socket, policy=POLICY_FILE, extra_includes=extra))
         with open(os.path.join(self.tmp, "dbus-daemon.log"), "w") as log:
             self.bus = subprocess.Popen(

@@ -4,12 +4,14 @@ client that shows error names), a message naming the object, and leave nothing
 attached. Devices loopd did not attach are never touched."""
 
 import glob
+import json
 import os
+import subprocess
 
 import dbus
 
-from harness import (CALL_TIMEOUT, ERROR_PREFIX, MANAGER_IFACE, busctl_detach, detaching, expect_error,
-                     loopctl_detach, main, pydbus_attach, pydbus_call, pydbus_options,
+from harness import (CALL_TIMEOUT, ERROR_PREFIX, LOOPCTL, MANAGER_IFACE, busctl_detach, busctl_managed_objects,
+                     detaching, expect_error, loopctl_detach, main, pydbus_attach, pydbus_call, pydbus_options,
                      read_text, run, verify_reply, CallError)
 
 
@@ -43,6 +45,37 @@ def highest_diskseq():
 
 
 # ---------------------------------------------------------------- the backing file
+
+def test_file_name_not_utf8_is_listed_escaped(env):
+    """A file name is bytes; a D-Bus string must be UTF-8. A user who attached
+    `bad-<0xff>.img` (through its fd, or a symlink: Attach's own path is a string)
+    made sd-bus refuse BackingFile, and with it every GetManagedObjects and every
+    `loopctl list`: one user's file name took the device list from all. Now the
+    invalid byte is listed as \\xff, and the rest of the name as it is."""
+    raw = os.fsencode(env.path("bad-")) + b"\xff-\xc3\xa9.img"
+    with open(raw, "wb") as f:
+        f.truncate(1 << 20)
+    attached = subprocess.run([LOOPCTL, "attach", "--json", raw], capture_output=True, timeout=CALL_TIMEOUT + 30)
+    assert attached.returncode == 0, attached.stderr
+    diskseq = int(json.loads(attached.stdout)["DiskSeq"])
+    with detaching(diskseq):
+        expected = env.path("bad-") + "\\xff-\u00e9.img"
+        obj = f"/org/loopd1/device/{diskseq}"
+        listed = pydbus_call("GetManagedObjects", iface="org.freedesktop.DBus.ObjectManager")
+        assert listed[obj]["org.loopd1.Device"]["BackingFile"] == expected, listed[obj]
+        assert busctl_managed_objects()[obj]["org.loopd1.Device"]["BackingFile"] == expected
+        got = pydbus_call("Get", "ss", ["org.loopd1.Device", "BackingFile"], path=obj,
+                          iface="org.freedesktop.DBus.Properties")
+        assert got == expected, got
+        table = run(LOOPCTL, "list", "--output", "DISKSEQ,BACKING-FILE", "--noheadings").stdout
+        assert f"{diskseq} {expected}" in table.splitlines(), table
+    # The log says it the same way: journalctl shows a line that is not UTF-8 as
+    # "[N blob data]".
+    with open(env.loopd_log, "rb") as f:
+        log = f.read()
+    assert b"\xff" not in log, "loopd logged the file name's raw byte"
+    assert os.fsencode(expected) in log, "loopd's log does not name the file"
+
 
 def test_missing_file(env):
     path = env.path("no-such.img")

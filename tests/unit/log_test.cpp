@@ -15,3 +15,11 @@ TEST_CASE("control characters are escaped, the rest is left as it is")
     CHECK(escaped("/var/lib/images/caf\xc3\xa9.img") == "/var/lib/images/caf\xc3\xa9.img");
     CHECK(escaped("plain ref=web-1 diskseq=12") == "plain ref=web-1 diskseq=12");
 }
+
+TEST_CASE("bytes that are not UTF-8 are escaped, so journalctl shows the line and not a blob")
+{
+    CHECK(escaped("/srv/bad-\xff.img") == "/srv/bad-\\xff.img");
+    CHECK(escaped("a\xe2\x82") == "a\\xe2\\x82");                // cut short
+    CHECK(escaped("a\xe2\x82\xac\x80") == "a\xe2\x82\xac\\x80"); // €, then a stray byte
+    CHECK(escaped("\xed\xa0\x80") == "\\xed\\xa0\\x80");         // a UTF-16 surrogate
+}
