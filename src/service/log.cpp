@@ -90,8 +90,11 @@ std::string escaped(std::string_view text)
         const char c = text[i];
         const auto byte = static_cast<unsigned char>(c);
         // journalctl shows a message that is not UTF-8 as "[N blob data]", and a
-        // file name in it need not be: what is not is written as \xNN.
-        if (const auto n = byte >= 0x80 ? validUtf8Character(text.substr(i)) : 0; n > 0) {
+        // file name in it need not be: what is not is written as \xNN, and so are
+        // the C1 controls (U+0080..U+009F, \xc2\x80..\xc2\x9f), which it takes as
+        // unprintable too.
+        const bool c1 = byte == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) < 0xa0;
+        if (const auto n = byte >= 0x80 && !c1 ? validUtf8Character(text.substr(i)) : 0; n > 0) {
             out.append(text.substr(i, n));
             i += n - 1;
         } else if (byte >= 0x20 && byte != 0x7f && c != '\\' && byte < 0x80)

@@ -2,9 +2,11 @@
 
 #include "services.hpp"
 
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 // Start-up after a restart: adopt what loopd owned, clean up what a crash left half
@@ -31,9 +33,18 @@ public:
     std::function<void(uint64_t diskseq)> onListed;
     std::function<void(uint64_t diskseq)> onReleased;
 
+    // An owned record's device as the kernel has it now (reopenOwned): found for
+    // every record before any is adopted, on a few threads at once.
+    struct Reopened {
+        std::optional<UniqueFd> fd;
+        bool readded = false;
+        bool locked = false;
+        std::exception_ptr failed;
+    };
+
 private:
-    bool adoptOrRelease(const core::Record& record);
-    bool adopt(const core::Record& record);
+    bool adoptOrRelease(const core::Record& record, Reopened& reopened);
+    bool adopt(const core::Record& record, Reopened& reopened);
     void lockLater(const std::shared_ptr<UniqueFd>& fd, unsigned number);
 
     struct Readded {

@@ -1,5 +1,7 @@
 #include "worker_pool.hpp"
 
+#include <algorithm>
+
 #include <loopd/log.hpp>
 
 #include <sys/eventfd.h>
@@ -98,6 +100,24 @@ void WorkerPool::work()
         }
         mailbox_->post(job());
     }
+}
+
+void spread(std::size_t count, const std::function<void(std::size_t)>& fn)
+{
+    // Fewer items than this are not worth a thread's start.
+    constexpr std::size_t perThread = 256;
+    const std::size_t threads = std::clamp<std::size_t>(std::min(std::thread::hardware_concurrency(), 4U), 1,
+                                                        std::max<std::size_t>(count / perThread, 1));
+    const auto some = [&](std::size_t first) {
+        for (std::size_t i = first; i < count; i += threads)
+            fn(i);
+    };
+    std::vector<std::thread> helpers;
+    for (std::size_t t = 1; t < threads; ++t)
+        helpers.emplace_back(some, t);
+    some(0);
+    for (auto& helper : helpers)
+        helper.join();
 }
 
 } // namespace loopd::service

@@ -61,4 +61,11 @@ private:
     std::vector<std::thread> threads_;
 };
 
+// Start-up work, before anything is served: fn(i) for every i below count, spread
+// over a few threads (the caller's one of them), each taking every n-th i; returns
+// once all are done. For work that is mostly waits on the kernel and independent
+// from item to item (4096 records and their devices after a restart). fn must not
+// throw.
+void spread(std::size_t count, const std::function<void(std::size_t)>& fn);
+
 } // namespace loopd::service

@@ -22,4 +22,6 @@ TEST_CASE("bytes that are not UTF-8 are escaped, so journalctl shows the line an
     CHECK(escaped("a\xe2\x82") == "a\\xe2\\x82");                // cut short
     CHECK(escaped("a\xe2\x82\xac\x80") == "a\xe2\x82\xac\\x80"); // €, then a stray byte
     CHECK(escaped("\xed\xa0\x80") == "\\xed\\xa0\\x80");         // a UTF-16 surrogate
+    CHECK(escaped("a\xc2\x85-b") == "a\\xc2\\x85-b");            // U+0085, a C1 control
+    CHECK(escaped("a\xc2\xa0-b") == "a\xc2\xa0-b");              // U+00A0, printable
 }
