@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -123,4 +124,32 @@ TEST_CASE("a record longer than a page is written 0600 whatever the umask, never
     std::string text;
     std::getline(in, text);
     CHECK(text == "untouched");
+}
+
+TEST_CASE("many records are read on several threads, each whole, and an unreadable one is dropped")
+{
+    TempDir dir;
+    service::RecordStore store(dir.path);
+    constexpr unsigned count = 1500; // enough for spread() to use its threads
+    for (unsigned i = 0; i < count; ++i) {
+        auto record = sample(Record::State::Owned);
+        record.token = "0f6a9e3c-1b2d-4c5e-8f70-" + std::to_string(100000000000ULL + i);
+        record.fileName = loFileName(record.token);
+        record.info.number = i;
+        record.info.diskseq = 1000 + i;
+        record.info.backingFile = "/srv/images/" + std::to_string(i) + ".img";
+        store.write(record);
+    }
+    std::ofstream(dir.path + "/broken.json") << "{\"state\": ";
+    const auto all = store.loadAll();
+    REQUIRE(all.size() == count);
+    std::vector<bool> seen(count, false);
+    for (const auto& record : all) {
+        REQUIRE(record.info.number < count);
+        CHECK(record.info.diskseq == 1000 + record.info.number);
+        CHECK(record.info.backingFile == "/srv/images/" + std::to_string(record.info.number) + ".img");
+        seen[record.info.number] = true;
+    }
+    CHECK(std::count(seen.begin(), seen.end(), true) == count);
+    CHECK_FALSE(std::filesystem::exists(dir.path + "/broken.json"));
 }
