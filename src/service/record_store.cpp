@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <exception>
 #include <filesystem>
 #include <optional>
 #include <string_view>
@@ -152,15 +153,21 @@ std::vector<core::Record> RecordStore::loadAll() const
             fs::remove(entry.path(), ec); // a temporary file of a write that a crash cut short
     }
     // Read and parsed on a few threads: an open, a read and a close each, 4096 of
-    // them after a restart with as many devices held.
+    // them after a restart with as many devices held. A file that does not parse
+    // as a record is dropped; anything else that fails (out of memory) keeps every
+    // file and fails the start, as a single thread's throw did.
     std::vector<std::optional<core::Record>> parsed(paths.size());
+    std::vector<std::exception_ptr> failed(paths.size());
     spread(paths.size(), [&](std::size_t i) {
         try {
             parsed[i] = core::parseRecord(readRecord(paths[i]));
-        } catch (const std::exception&) {
-            // dropped below, as unreadable
+        } catch (...) {
+            failed[i] = std::current_exception();
         }
     });
+    for (const auto& failure : failed)
+        if (failure)
+            std::rethrow_exception(failure);
     std::vector<core::Record> records;
     records.reserve(paths.size());
     for (std::size_t i = 0; i < paths.size(); ++i) {

@@ -32,6 +32,7 @@ std::vector<Recovery::Reopened> reopenAll(const std::vector<core::Record>& recor
         if (records[i].state != core::Record::State::Owned)
             return;
         auto& r = reopened[i];
+        r.before = realtimeUsec(); // re-added partitions count from here (Recovery::adopt)
         try {
             r.fd = reopenOwned(records[i], r.readded, r.locked);
         } catch (...) {
@@ -103,7 +104,7 @@ bool Recovery::adoptOrRelease(const core::Record& record, Reopened& reopened)
 
 bool Recovery::adopt(const core::Record& record, Reopened& reopened)
 {
-    const auto before = realtimeUsec();
+    const auto before = reopened.before;
     if (reopened.failed)
         std::rethrow_exception(reopened.failed);
     const bool readded = reopened.readded;

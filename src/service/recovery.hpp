@@ -2,6 +2,7 @@
 
 #include "services.hpp"
 
+#include <cstdint>
 #include <exception>
 #include <functional>
 #include <map>
@@ -39,6 +40,7 @@ public:
         std::optional<UniqueFd> fd;
         bool readded = false;
         bool locked = false;
+        uint64_t before = 0; // CLOCK_REALTIME µs when its reopen began
         std::exception_ptr failed;
     };
 

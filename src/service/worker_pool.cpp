@@ -1,6 +1,8 @@
 #include "worker_pool.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <system_error>
 
 #include <loopd/log.hpp>
 
@@ -108,14 +110,22 @@ void spread(std::size_t count, const std::function<void(std::size_t)>& fn)
     constexpr std::size_t perThread = 256;
     const std::size_t threads = std::clamp<std::size_t>(std::min(std::thread::hardware_concurrency(), 4U), 1,
                                                         std::max<std::size_t>(count / perThread, 1));
-    const auto some = [&](std::size_t first) {
-        for (std::size_t i = first; i < count; i += threads)
+    // Items handed out one at a time: whatever threads there are take them all.
+    std::atomic<std::size_t> next{0};
+    const auto take = [&] {
+        for (std::size_t i = next++; i < count; i = next++)
             fn(i);
     };
     std::vector<std::thread> helpers;
-    for (std::size_t t = 1; t < threads; ++t)
-        helpers.emplace_back(some, t);
-    some(0);
+    helpers.reserve(threads - 1);
+    for (std::size_t t = 1; t < threads; ++t) {
+        try {
+            helpers.emplace_back(take);
+        } catch (const std::system_error&) {
+            break; // no more threads to be had (TasksMax): the ones there are do it all
+        }
+    }
+    take();
     for (auto& helper : helpers)
         helper.join();
 }

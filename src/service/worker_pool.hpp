@@ -62,10 +62,10 @@ private:
 };
 
 // Start-up work, before anything is served: fn(i) for every i below count, spread
-// over a few threads (the caller's one of them), each taking every n-th i; returns
-// once all are done. For work that is mostly waits on the kernel and independent
-// from item to item (4096 records and their devices after a restart). fn must not
-// throw.
+// over a few threads (the caller's one of them, and fewer when no thread can be
+// started); returns once all are done. For work that is mostly waits on the
+// kernel and independent from item to item (4096 records and their devices after
+// a restart). fn must not throw: it catches, and keeps what it caught for item i.
 void spread(std::size_t count, const std::function<void(std::size_t)>& fn);
 
 } // namespace loopd::service
