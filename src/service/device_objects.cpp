@@ -1,19 +1,15 @@
 #include "device_objects.hpp"
 
+#include "bus_write.hpp"
+#include "device_properties.hpp"
 #include "errors.hpp"
-#include "kernel/loop_device.hpp"
 #include "wire.hpp"
 
 #include <loopd/log.hpp>
 
 #include <systemd/sd-bus.h>
 
-#include <poll.h>
-#include <sys/socket.h>
-
-#include <cerrno>
 #include <charconv>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -22,106 +18,6 @@ namespace {
 
 constexpr const char* deviceInterface = "org.loopd1.Device";
 constexpr std::string_view devicePrefix = "/org/loopd1/device";
-
-int append(sd_bus_message* reply, uint64_t value)
-{
-    return sd_bus_message_append_basic(reply, 't', &value);
-}
-
-int append(sd_bus_message* reply, uint32_t value)
-{
-    return sd_bus_message_append_basic(reply, 'u', &value);
-}
-
-int append(sd_bus_message* reply, bool value)
-{
-    const int boolean = value; // sd-bus's 'b' is an int
-    return sd_bus_message_append_basic(reply, 'b', &boolean);
-}
-
-int append(sd_bus_message* reply, const std::string& value)
-{
-    return sd_bus_message_append_basic(reply, 's', value.c_str());
-}
-
-int append(sd_bus_message* reply, const std::vector<std::string>& values)
-{
-    int r = sd_bus_message_open_container(reply, 'a', "s");
-    for (const auto& value : values)
-        if (r >= 0)
-            r = sd_bus_message_append_basic(reply, 's', value.c_str());
-    return r < 0 ? r : sd_bus_message_close_container(reply);
-}
-
-void put(wire::Writer& w, uint64_t value)
-{
-    w.u64(value);
-}
-
-void put(wire::Writer& w, uint32_t value)
-{
-    w.u32(value);
-}
-
-void put(wire::Writer& w, bool value)
-{
-    w.boolean(value);
-}
-
-void put(wire::Writer& w, const std::string& value)
-{
-    w.string(value);
-}
-
-void put(wire::Writer& w, const std::vector<std::string>& values)
-{
-    const auto array = w.openArray(4);
-    for (const auto& value : values)
-        w.string(value);
-    w.close(array);
-}
-
-template <typename T> constexpr const char* signatureOf = nullptr;
-template <> constexpr const char* signatureOf<uint64_t> = "t";
-template <> constexpr const char* signatureOf<uint32_t> = "u";
-template <> constexpr const char* signatureOf<bool> = "b";
-template <> constexpr const char* signatureOf<std::string> = "s";
-template <> constexpr const char* signatureOf<std::vector<std::string>> = "as";
-
-using P = const DeviceProperties&;
-
-// A property getter for sd-bus (Get, GetAll, InterfacesAdded, PropertiesChanged):
-// `value` reads it from the device's properties.
-template <auto value>
-int property(sd_bus*, const char*, const char*, const char*, sd_bus_message* reply, void* object, sd_bus_error* error)
-{
-    try {
-        return append(reply, value(static_cast<const DeviceObject*>(object)->properties()));
-    } catch (const std::exception& e) {
-        return sd_bus_error_set(error, SD_BUS_ERROR_FAILED, e.what());
-    }
-}
-
-// The same value in loopd's own GetManagedObjects reply.
-template <auto value> void write(wire::Writer& w, P p)
-{
-    put(w, value(p));
-}
-
-// One property of org.loopd1.Device: one reading of it for both ways it is sent.
-struct DeviceProperty {
-    const char* name;
-    const char* signature;
-    uint64_t flags;
-    sd_bus_property_get_t get;
-    void (*write)(wire::Writer&, P);
-};
-
-template <auto value> constexpr DeviceProperty define(const char* name, uint64_t flags)
-{
-    using T = std::decay_t<decltype(value(std::declval<P>()))>;
-    return {name, signatureOf<T>, flags, &property<value>, &write<value>};
-}
 
 std::optional<uint64_t> diskseqOf(std::string_view path)
 {
@@ -224,13 +120,8 @@ struct DeviceVtable {
     // appendAll gives sd-bus.
     static void writeAll(wire::Writer& w, const DeviceObjects& objects);
 
-    // The reply written and sent past sd-bus, on its socket: NotHere when that
-    // could not begin, and sd-bus is to send it. sd-bus has no public way to send
-    // bytes marshalled elsewhere; writing to its socket is sound only between its
-    // messages: when its write queue is empty (a message it could not finish
-    // stays there), and from the loop thread, its only user. The connection
-    // loopd opens (sd_bus_open_system) reads and writes one stream socket, which
-    // is what sd_bus_get_fd names; anything else goes through sd-bus.
+    // The reply written and sent past sd-bus (writeBetweenMessages): NotHere when
+    // that could not begin, and sd-bus is to send it.
     enum class Written { Sent, TooLarge, NotHere };
     static Written sendWritten(sd_bus_message* call, DeviceObjects& objects)
     {
@@ -251,65 +142,6 @@ struct DeviceVtable {
             return Written::NotHere;
         }
         return writeBetweenMessages(objects.bus_, header, objects.reply_) ? Written::Sent : Written::NotHere;
-    }
-
-    // dbus-daemon takes a message as fast as it comes unless it has stopped
-    // reading loopd (its limit on loopd's messages still queued for clients that
-    // do not read them); once begun, a message cannot be left for later, as sd-bus
-    // would write its next one into the middle of it.
-    static constexpr int stalledAfterMs = 10'000;
-
-    static bool writeBetweenMessages(sd_bus* bus, const std::string& header, const std::string& body)
-    {
-        uint64_t queued = 1;
-        int type = 0;
-        socklen_t length = sizeof type;
-        const int fd = sd_bus_get_fd(bus);
-        if (sd_bus_get_n_queued_write(bus, &queued) < 0 || queued != 0 || fd < 0 ||
-            getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) < 0 || type != SOCK_STREAM)
-            return false;
-        const std::size_t total = header.size() + body.size();
-        std::size_t sent = 0;
-        const auto stalled = std::chrono::steady_clock::now() + std::chrono::milliseconds(stalledAfterMs);
-        while (sent < total) {
-            iovec parts[2];
-            msghdr message{};
-            message.msg_iov = parts;
-            if (sent < header.size()) {
-                parts[0] = {const_cast<char*>(header.data()) + sent, header.size() - sent};
-                parts[1] = {const_cast<char*>(body.data()), body.size()};
-                message.msg_iovlen = 2;
-            } else {
-                parts[0] = {const_cast<char*>(body.data()) + (sent - header.size()), total - sent};
-                message.msg_iovlen = 1;
-            }
-            const ssize_t n = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n >= 0) {
-                sent += static_cast<std::size_t>(n);
-                continue;
-            }
-            if (errno == EINTR)
-                continue;
-            if (sent == 0)
-                return false; // not begun: sd-bus queues it, and waits without blocking anyone
-            const auto left =
-                std::chrono::duration_cast<std::chrono::milliseconds>(stalled - std::chrono::steady_clock::now());
-            if (errno == EAGAIN && left.count() > 0) {
-                pollfd out{fd, POLLOUT, 0};
-                ::poll(&out, 1, static_cast<int>(left.count()));
-                continue;
-            }
-            // Cut off mid-message: the stream cannot go on after it, so it is shut,
-            // and sd-bus finds the connection lost at its next read or write (loopd
-            // exits, to be started again and adopt its devices).
-            log::error("GetManagedObjects reply cut off after {} of {} bytes: {}; closing the bus connection", sent,
-                       total,
-                       errno == EAGAIN ? fmt::format("the bus stopped reading for {} s", stalledAfterMs / 1000)
-                                       : std::string(std::strerror(errno)));
-            ::shutdown(fd, SHUT_RDWR);
-            return true;
-        }
-        return true;
     }
 
     // A call on a path below /org/loopd1/device that names no device (one detached
@@ -400,36 +232,6 @@ constexpr char detachName[] = "Detach";
 constexpr char resizeName[] = "Resize";
 constexpr char openName[] = "Open";
 
-// org.loopd1.Device's properties as dbus/org.loopd1.xml declares them
-// (test_contract.py::test_device_object_matches_the_interface_xml compares).
-// Size, Partitions and Autoclear may change (PropertiesChanged); the rest are
-// fixed for the attachment's life (API.md), which introspection says as "const".
-constexpr uint64_t changes = SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE;
-constexpr uint64_t fixed = SD_BUS_VTABLE_PROPERTY_CONST;
-constexpr DeviceProperty deviceProperties[] = {
-    define<[](P p) { return kernel::loopDevNode(p.info.number); }>("DevNode", fixed),
-    define<[](P p) { return p.info.diskseq; }>("DiskSeq", fixed),
-    define<[](P p) { return uint32_t{p.info.number}; }>("Number", fixed),
-    // A file name is bytes, a D-Bus string UTF-8: sd-bus refuses a string that is
-    // not, and one such name made every GetManagedObjects fail.
-    define<[](P p) { return wire::validString(p.info.backingFile); }>("BackingFile", fixed),
-    define<[](P p) { return uint64_t{p.info.backingDevice}; }>("BackingDevice", fixed),
-    define<[](P p) { return uint64_t{p.info.backingInode}; }>("BackingInode", fixed),
-    define<[](P p) { return uint64_t{p.info.offset}; }>("Offset", fixed),
-    define<[](P p) { return uint64_t{p.info.sizeLimit}; }>("SizeLimit", fixed),
-    define<[](P p) { return uint64_t{p.info.size}; }>("Size", changes),
-    define<[](P p) { return uint32_t{p.info.sectorSize}; }>("SectorSize", fixed),
-    define<[](P p) { return p.info.readOnly; }>("ReadOnly", fixed),
-    define<[](P p) { return p.info.directIo; }>("DirectIO", fixed),
-    define<[](P p) { return p.info.autoclear; }>("Autoclear", changes),
-    define<[](P p) { return p.info.partscan; }>("PartScan", fixed),
-    define<[](P p) { return partitionNodes(p.info); }>("Partitions", changes),
-    define<[](P p) { return p.ref; }>("Ref", fixed),
-    define<[](P p) { return p.ownerUid; }>("OwnerUid", fixed),
-    define<[](P p) { return std::string(p.lifetime); }>("Lifetime", fixed),
-    define<[](P p) { return p.readyTimestamp; }>("ReadyTimestamp", fixed),
-};
-
 // The methods, then every property: built once, kept for sd-bus, which reads the
 // table for as long as the vtable slot lives.
 const sd_bus_vtable* deviceVtable()
@@ -447,7 +249,7 @@ const sd_bus_vtable* deviceVtable()
                                     (DeviceVtable::method<OpenResult, &Handlers::open, openName>),
                                     SD_BUS_VTABLE_UNPRIVILEGED),
         };
-        for (const auto& p : deviceProperties)
+        for (const auto& p : deviceProperties())
             v.push_back(SD_BUS_PROPERTY(p.name, p.signature, p.get, 0, p.flags));
         v.push_back(SD_BUS_VTABLE_END);
         return v;
@@ -467,7 +269,7 @@ void DeviceVtable::writeAll(wire::Writer& w, const DeviceObjects& objects)
         w.entry();
         w.string(deviceInterface);
         const auto properties = w.openArray(8);
-        for (const auto& property : deviceProperties) {
+        for (const auto& property : deviceProperties()) {
             w.entry();
             w.string(property.name);
             w.signature(property.signature);
@@ -486,7 +288,7 @@ int DeviceVtable::appendDevice(sd_bus_message* reply, const char* path, DeviceOb
         r = sd_bus_message_append_basic(reply, 's', deviceInterface);
     if (r >= 0)
         r = sd_bus_message_open_container(reply, 'a', "{sv}");
-    for (const auto& property : deviceProperties) {
+    for (const auto& property : deviceProperties()) {
         if (r >= 0)
             r = sd_bus_message_open_container(reply, 'e', "sv");
         if (r >= 0)
